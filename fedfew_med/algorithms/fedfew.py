@@ -1,0 +1,187 @@
+"""FedFew: K shared models, each site served by the one that fits it best.
+
+Round (shared/docs/fedfew-algorithm.md §2): every participant trains each of its
+K received copies for E local epochs and reports K losses; the server computes α
+and w from the λ-scaled losses and moves model k by Σ_i α_i w_ik Δ_ik. A site
+deploys ``argmin_k L_i(θ_k)``.
+
+Options beyond the reference (all default to the reference behaviour):
+
+- ``init``: ``identical`` copies of one init (reference), ``perturbed`` copies
+  plus Gaussian noise of relative size ``perturb_scale``, or ``independent`` inits.
+- ``loss_source``: ``train`` (running loss of the last local epoch, reference) or
+  ``received`` (loss of the received model, one extra forward pass per model;
+  matches the gradient formula exactly).
+- ``selection_split``: deploy by loss on ``train`` (reference) or the held-out ``val`` slice.
+- ``mu_end``: geometric annealing of μ from ``mu`` to ``mu_end`` over the run.
+- ``site_weights``: λ_i = n_i/N (``samples``, reference) or 1/M (``uniform``).
+- ``sparse``: ``top_r`` or ``threshold``: a site computes its own w_i from the
+  received models' losses and trains/returns only its r best models or those with
+  w_ik ≥ ``sparse_threshold`` (always at least its best one). Models it does not
+  return count as unchanged (Δ = 0) in the server step; their reported loss is
+  the received-model loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from fedfew_med.algorithms.aggregate import DeltaSum
+from fedfew_med.algorithms.base import (
+    Algorithm,
+    Deployment,
+    LocalWork,
+    Params,
+    RoundInfo,
+    ServerStep,
+    SiteReply,
+    argmin_loss,
+)
+from fedfew_med.algorithms.fedfew_math import annealed_mu, fedfew_weights, site_assignment
+from fedfew_med.config import require
+
+
+@dataclass(frozen=True)
+class FedFewOptions:
+    """Options of FedFew (config section ``[algorithm.params]``)."""
+
+    k: int = 3
+    mu: float = 0.01
+    mu_end: float | None = None
+    init: Literal["identical", "perturbed", "independent"] = "identical"
+    perturb_scale: float = 0.01
+    loss_source: Literal["train", "received"] = "train"
+    selection_split: Literal["train", "val"] = "train"
+    site_weights: Literal["samples", "uniform"] = "samples"
+    sparse: Literal["none", "top_r", "threshold"] = "none"
+    sparse_r: int = 1
+    sparse_threshold: float = 0.1
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, "k", "be an integer >= 1", self.k)
+        require(self.mu > 0, "mu", "be > 0", self.mu)
+        require(self.mu_end is None or self.mu_end > 0, "mu_end", "be > 0", self.mu_end)
+        require(self.perturb_scale >= 0, "perturb_scale", "be >= 0", self.perturb_scale)
+        require(1 <= self.sparse_r <= self.k, "sparse_r", f"be between 1 and k ({self.k})", self.sparse_r)
+        require(0 < self.sparse_threshold <= 1, "sparse_threshold", "be in (0, 1]", self.sparse_threshold)
+        require(self.server_lr > 0, "server_lr", "be > 0", self.server_lr)
+
+
+def perturbed_copies(base: Params, k: int, scale: float, generator: torch.Generator) -> list[Params]:
+    """K copies of ``base``; copies 1.. get Gaussian noise of std ``scale · std(tensor)`` per tensor."""
+    out = [{n: v.clone() for n, v in base.items()}]
+    for _ in range(1, k):
+        copy = {}
+        for name, v in base.items():
+            spread = float(v.float().std()) if v.numel() > 1 else float(v.abs().mean())
+            noise = torch.randn(v.shape, generator=generator, dtype=torch.float32).to(v.dtype)
+            copy[name] = v + noise * (scale * (spread if spread > 0 else 1.0))
+        out.append(copy)
+    return out
+
+
+class FedFew(Algorithm):
+    """Few-for-Many personalized FL (smooth Tchebycheff set scalarization)."""
+
+    name: ClassVar[str] = "fedfew"
+    Options: ClassVar[type] = FedFewOptions
+
+    def __init__(self, options: FedFewOptions | None = None, *, seed: int = 0) -> None:
+        self.options = options or FedFewOptions()
+        self.seed = seed
+
+    @property
+    def num_models(self) -> int:
+        return self.options.k
+
+    def init_models(self, make_init: Callable[[int], Params]) -> list[Params]:
+        o = self.options
+        if o.init == "independent":
+            return [make_init(k) for k in range(o.k)]
+        base = make_init(0)
+        if o.init == "perturbed":
+            gen = torch.Generator().manual_seed(self.seed + 7919)
+            return perturbed_copies(base, o.k, o.perturb_scale, gen)
+        return [{n: v.clone() for n, v in base.items()} for _ in range(o.k)]
+
+    def round_extras(self, round_idx: int, num_rounds: int) -> dict[str, float]:
+        return {"mu": annealed_mu(self.options.mu, self.options.mu_end, round_idx, num_rounds)}
+
+    # ------------------------------------------------------------------ site side
+    def _selected(self, received_losses: Sequence[float], lam: float, mu: float) -> list[int]:
+        o = self.options
+        if o.sparse == "none":
+            return list(range(o.k))
+        w = site_assignment(torch.tensor(received_losses), lam, mu)
+        order = sorted(range(o.k), key=lambda k: (-float(w[k]), k))
+        if o.sparse == "top_r":
+            return sorted(order[: o.sparse_r])
+        keep = [k for k in order if float(w[k]) >= o.sparse_threshold]
+        return sorted(keep or order[:1])
+
+    def local_round(self, site: str, info: RoundInfo, models: Mapping[int, Params], work: LocalWork) -> SiteReply:
+        o = self.options
+        need_received = o.loss_source == "received" or o.sparse != "none"
+        received = (
+            [work.loss(models[k], slot=f"server/{k}") for k in range(o.k)] if need_received else [0.0] * o.k
+        )
+        selected = self._selected(received, info.site_weight[site], info.extras["mu"])
+        losses = list(received)
+        updated: dict[int, Params] = {}
+        for k in selected:
+            result = work.train(models[k], slot=f"server/{k}")
+            updated[k] = result.params
+            if o.loss_source == "train":
+                losses[k] = result.loss
+        return SiteReply(
+            num_samples=work.num_samples,
+            losses=tuple(float(x) for x in losses),
+            models=updated,
+            info={"trained": selected},
+        )
+
+    # ---------------------------------------------------------------- server side
+    def lambdas(self, info: RoundInfo, replies: Mapping[str, SiteReply]) -> torch.Tensor:
+        """λ_i of the replying sites, in ``replies`` order (renormalised over who replied)."""
+        if self.options.site_weights == "uniform":
+            lam = torch.ones(len(replies), dtype=torch.float64)
+        else:
+            lam = torch.tensor([float(r.num_samples) for r in replies.values()], dtype=torch.float64)
+        return lam / lam.sum()
+
+    def aggregate(self, info: RoundInfo, models: list[Params], replies: Mapping[str, SiteReply]) -> ServerStep:
+        if not replies:
+            return ServerStep(models=models, log={"skipped": "no replies"})
+        sites = list(replies)
+        losses = torch.tensor([list(replies[s].losses) for s in sites], dtype=torch.float64)  # (M, K)
+        weights = fedfew_weights(losses, self.lambdas(info, replies), info.extras["mu"])
+        step = weights.step_weights  # (M, K) α_i w_ik
+        new_models = []
+        for k, base in enumerate(models):
+            acc = DeltaSum(base)
+            for i, s in enumerate(sites):
+                if k in replies[s].models:  # a model not returned counts as Δ = 0
+                    acc.add(replies[s].models[k], float(step[i, k]))
+            new_models.append(acc.apply(scale=self.options.server_lr))
+        log: dict[str, Any] = {
+            "sites": sites,
+            "mu": info.extras["mu"],
+            "losses": losses.tolist(),
+            "alpha": weights.alpha.tolist(),
+            "w": weights.w.tolist(),
+            "c": weights.c.tolist(),
+            "alpha_entropy": weights.alpha_entropy,
+            "w_entropy": weights.w_entropy.tolist(),
+            "objective": weights.objective,
+            "soft_assignment": [int(torch.argmax(weights.w[i])) for i in range(len(sites))],
+        }
+        return ServerStep(models=new_models, log=log)
+
+    def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:
+        best, losses = argmin_loss(work, models, split=self.options.selection_split)
+        return Deployment(params=models[best], model_index=best, slot=f"server/{best}", scores=losses)

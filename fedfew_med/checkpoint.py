@@ -1,0 +1,175 @@
+"""Atomic, pickle-free persistence of a run's state.
+
+A checkpoint is a directory ``checkpoints/round-NNNNN/`` holding
+
+- ``server.safetensors``: the K server models (keys ``"{k}/{param}"``),
+- ``sites.safetensors``: every site's personal models and buffers
+  (keys ``"{site}/{models|buffers}/{slot}/{name}"``),
+- ``state.json``: round, config digest, JSON-able run state, and the SHA-256 of
+  both tensor files (checked on load).
+
+It is written under a temporary name, fsynced and renamed; then the one-line
+``checkpoints/LATEST`` pointer is replaced atomically. A crash at any moment leaves
+the previous checkpoint as the latest complete one. Tensors go through
+``safetensors``; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedfew_med.algorithms.base import Params
+from fedfew_med.training import SiteState
+
+KEEP = 2  # complete checkpoints kept on disk
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or belongs to another run."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint."""
+
+    round: int  # last completed round
+    server_models: list[Params]
+    sites: dict[str, SiteState]
+    state: dict[str, Any]  # JSON-able run state saved with it
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _flat_server(models: list[Params]) -> dict[str, torch.Tensor]:
+    return {f"{k}/{name}": t.detach().contiguous().clone() for k, m in enumerate(models) for name, t in m.items()}
+
+
+def _flat_sites(sites: dict[str, SiteState]) -> dict[str, torch.Tensor]:
+    out = {}
+    for site, st in sites.items():
+        for kind, slots in (("models", st.models), ("buffers", st.buffers)):
+            for slot, tensors in slots.items():
+                for name, t in tensors.items():
+                    out[f"{site}/{kind}/{slot}/{name}"] = t.detach().contiguous().clone()
+    return out
+
+
+def save(run_dir: Path, round_idx: int, *, server_models: list[Params], sites: dict[str, SiteState], state: dict[str, Any]) -> Path:
+    """Write the checkpoint of completed round ``round_idx`` atomically and prune old ones."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"round-{round_idx:05d}"
+    tmp = root / f".round-{round_idx:05d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_flat_server(server_models), str(tmp / "server.safetensors"))
+    save_file(_flat_sites(sites), str(tmp / "sites.safetensors"))
+    digests = {name: sha256_file(tmp / name) for name in ("server.safetensors", "sites.safetensors")}
+    meta = {"round": round_idx, "num_models": len(server_models), "digests": digests, "state": state}
+    (tmp / "state.json").write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
+    for name in ("server.safetensors", "sites.safetensors", "state.json"):
+        _fsync_file(tmp / name)
+    if final.exists():  # a re-run of the same round after a crash between rename and pointer update
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / "LATEST", final.name + "\n")
+    complete = sorted(p for p in root.glob("round-*") if p.is_dir())
+    for old in complete[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".round-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_round(run_dir: Path) -> int | None:
+    """The last completed round recorded in ``checkpoints/LATEST``, or None."""
+    pointer = run_dir / "checkpoints" / "LATEST"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    try:
+        return int(name.removeprefix("round-"))
+    except ValueError:
+        raise CheckpointError(f"{pointer}: expected 'round-NNNNN', got {name!r}") from None
+
+
+def load(run_dir: Path) -> Checkpoint | None:
+    """Load the latest complete checkpoint, verifying digests; None if there is none."""
+    round_idx = latest_round(run_dir)
+    if round_idx is None:
+        return None
+    path = run_dir / "checkpoints" / f"round-{round_idx:05d}"
+    try:
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / 'state.json'}: unreadable ({exc})") from None
+    for name, digest in meta["digests"].items():
+        if not (path / name).is_file() or sha256_file(path / name) != digest:
+            raise CheckpointError(f"{path / name}: missing or its SHA-256 does not match state.json")
+    flat = load_file(str(path / "server.safetensors"))
+    server: list[Params] = [{} for _ in range(meta["num_models"])]
+    for key, t in flat.items():
+        k, name = key.split("/", 1)
+        server[int(k)][name] = t
+    sites: dict[str, SiteState] = {}
+    for key, t in load_file(str(path / "sites.safetensors")).items():
+        site, kind, slot_and_name = key.split("/", 2)
+        slot, name = _split_slot(slot_and_name)
+        st = sites.setdefault(site, SiteState())
+        target = st.models if kind == "models" else st.buffers
+        target.setdefault(slot, {})[name] = t
+    return Checkpoint(round=meta["round"], server_models=server, sites=sites, state=meta["state"])
+
+
+def _split_slot(key: str) -> tuple[str, str]:
+    """Split ``"server/0/conv.weight"`` into slot ``"server/0"`` and name ``"conv.weight"``.
+
+    Slots are ``"server/<k>"`` or a single word (``personal``, ``local``, ``finetune``).
+    """
+    head, rest = key.split("/", 1)
+    if head == "server":
+        k, name = rest.split("/", 1)
+        return f"server/{k}", name
+    return head, rest

@@ -1,0 +1,140 @@
+"""``fedfew-med``: the command line.
+
+The CLI decides verbosity and shows progress bars; the library only logs.
+Exit codes: 0 success, 1 run failure, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fedfew_med import checkpoint
+from fedfew_med.config import ConfigError, load_federation
+from fedfew_med.simulation import Callbacks, RunDirError, SimulationResult, run
+
+log = logging.getLogger("fedfew_med")
+
+
+def _fmt(x: float | None) -> str:
+    return "   -  " if x is None or x != x else f"{x:6.3f}"
+
+
+def format_table(result: SimulationResult) -> str:
+    """The per-site table printed at the end of a run."""
+    s = result.summary
+    metric = s["metric"]
+    has_ft = "summary_finetuned" in s
+    head = f"{'site':<18} {'protocol':<9} {'n_train':>7} {'model':>5} {metric:>8}" + (f" {'+ft':>8}" if has_ft else "")
+    lines = [head, "-" * len(head)]
+    for site, row in s["per_site"].items():
+        model = "local" if row["model"] is None else str(row["model"])
+        line = f"{site:<18} {str(row['protocol'] or '-'):<9} {row['n_train']:>7} {model:>5} {_fmt(row['metric']):>8}"
+        if has_ft:
+            line += f" {_fmt(row.get('metric_finetuned')):>8}"
+        lines.append(line)
+    lines.append("-" * len(head))
+    sm = s["summary"]
+    lines.append(f"{s['algorithm']} (K={s['num_models']}), {s['rounds']} rounds: mean {metric} {sm['mean']:.3f}, "
+                 f"worst site {sm['worst']:.3f}, Jain's index {sm['jain']:.3f}")
+    if has_ft:
+        ft = s["summary_finetuned"]
+        lines.append(f"+{metric} after local fine-tuning: mean {ft['mean']:.3f}, worst {ft['worst']:.3f}, Jain {ft['jain']:.3f}")
+    if s.get("failures"):
+        lines.append(f"skipped site-rounds: {s['failures']}")
+    return "\n".join(lines)
+
+
+def _progress_callbacks(total_rounds: int, num_sites: int, disable: bool) -> tuple[Callbacks, list[Any]]:
+    bars: list[Any] = []
+    rounds = tqdm(total=total_rounds, desc="rounds", unit="round", position=0, disable=disable)
+    sites = tqdm(total=num_sites, desc="sites", unit="site", position=1, leave=False, disable=disable)
+    bars += [rounds, sites]
+
+    def start(r: int, participants: Sequence[str]) -> None:
+        sites.reset(total=len(participants))
+        sites.set_description(f"round {r} sites")
+
+    def site_done(r: int, site: str) -> None:
+        sites.set_postfix_str(site)
+        sites.update()
+
+    def end(record: dict[str, Any]) -> None:
+        sm = record["summary"]
+        rounds.set_postfix(mean=f"{sm['mean']:.3f}", worst=f"{sm['worst']:.3f}")
+        rounds.update()
+
+    return Callbacks(on_round_start=start, on_site_done=site_done, on_round_end=end), bars
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = load_federation(args.config, args.set)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    run_dir = Path(args.output) if args.output else Path("runs") / config.run.name
+    done = (checkpoint.latest_round(run_dir) or -1) + 1 if args.resume and run_dir.exists() else 0
+    callbacks, bars = _progress_callbacks(config.run.rounds, 0, disable=args.quiet or not sys.stderr.isatty() and not args.progress)
+    bars[0].update(done)
+    try:
+        result = run(
+            config, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after, callbacks=callbacks
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    print(format_table(result))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedfew-med",
+        description="Personalized federated learning on medical images: K shared models serve M sites (FedFew).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sim = sub.add_parser(
+        "simulate",
+        help="run a federation in this process (sites one after another)",
+        description="Run a federation config in one process: every site trains on its own data with its own "
+        "seeds and state; every round is checkpointed to the run directory and can be resumed.",
+    )
+    sim.add_argument("config", help="federation config (TOML), e.g. site_configs/demo_federation.toml")
+    sim.add_argument("-o", "--output", help="run directory (default runs/<run.name>)")
+    sim.add_argument("--resume", action="store_true", help="continue the run in the output directory from its last completed round")
+    sim.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    sim.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a config value (TOML syntax), e.g. --set algorithm.params.k=1; repeatable")
+    sim.add_argument("--stop-after", type=int, metavar="N", help="stop after N rounds (resume later with --resume)")
+    sim.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sim.add_argument("--progress", action="store_true", help="show progress bars even when stderr is not a terminal")
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedfew-med`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ConfigError, RunDirError, checkpoint.CheckpointError) as exc:
+        print(f"fedfew-med: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedfew-med: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Run configuration: TOML files loaded into frozen dataclasses.
+
+Layer 0: standard library only. Every error raised while loading a file is a
+:class:`ConfigError` whose message names the file, the key, what must hold and
+what was given, e.g.::
+
+    demo.toml: [run].rounds must be an integer >= 1, got 0
+
+Sections whose schema belongs to a higher layer (an algorithm's or a model's
+options) are kept as plain mappings here and validated by that layer through
+:func:`build_dataclass`, which produces the same kind of message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names file and key."""
+
+
+def _describe(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_type(value: Any, hint: Any, *, where: str) -> Any:
+    """Return ``value`` if it matches ``hint`` (ints are accepted as floats), else raise."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where} must be one of {choices}, got {_describe(value)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where=where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where} has the wrong type, got {_describe(value)}")
+    if origin in (tuple,):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {_describe(value)}")
+        item = args[0] if args else Any
+        return tuple(_check_type(v, item, where=f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a table, got {_describe(value)}")
+        return types.MappingProxyType(dict(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {_describe(value)}")
+        return value
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a table, got {_describe(value)}")
+        return build_dataclass(hint, value, where=where)
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a programming error
+
+
+def build_dataclass(cls: type[T], data: Mapping[str, Any], *, where: str) -> T:
+    """Build the frozen dataclass ``cls`` from ``data``, checking keys and types.
+
+    Parameters
+    ----------
+    cls
+        A dataclass whose fields have simple type hints (str, int, float, bool,
+        Literal, unions with None, tuple[X, ...], Mapping, nested dataclasses).
+    data
+        The raw table from TOML.
+    where
+        Prefix for error messages, e.g. ``"demo.toml: [run]"``.
+
+    Raises
+    ------
+    ConfigError
+        On unknown or missing keys, wrong types, or a failed ``__post_init__`` check.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a table, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key_where = f"{where}.{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key_where} is required but missing")
+            continue
+        kwargs[name] = _check_type(data[name], hints[name], where=key_where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+
+
+def require(condition: bool, key: str, expectation: str, value: object) -> None:
+    """Raise a ConfigError ``"<key> must <expectation>, got <value>"`` unless ``condition``.
+
+    Used inside ``__post_init__``; :func:`build_dataclass` prefixes file and section.
+    """
+    if not condition:
+        raise ConfigError(f"{key} must {expectation}, got {_describe(value)}")
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How long and how a federation runs."""
+
+    name: str = "run"
+    seed: int = 0
+    rounds: int = 10
+    participation: float = 1.0  # fraction of sites sampled each round
+    eval_every: int = 1  # evaluate deployed models every n rounds (and always at the end)
+    finetune_eval_epochs: int = 0  # >0 adds a separately labelled "+fine-tune" evaluation row
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        require(self.rounds >= 1, "rounds", "be an integer >= 1", self.rounds)
+        require(0.0 < self.participation <= 1.0, "participation", "be in (0, 1]", self.participation)
+        require(self.eval_every >= 1, "eval_every", "be an integer >= 1", self.eval_every)
+        require(self.finetune_eval_epochs >= 0, "finetune_eval_epochs", "be >= 0", self.finetune_eval_epochs)
+        require(self.seed >= 0, "seed", "be >= 0", self.seed)
+        require(self.threads >= 0, "threads", "be >= 0", self.threads)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local training at every site (plain SGD, as the reference code)."""
+
+    local_epochs: int = 1
+    lr: float = 0.005
+    batch_size: int = 32
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(self.local_epochs >= 1, "local_epochs", "be an integer >= 1", self.local_epochs)
+        require(self.lr > 0, "lr", "be > 0", self.lr)
+        require(self.batch_size >= 1, "batch_size", "be an integer >= 1", self.batch_size)
+        require(0.0 <= self.momentum < 1.0, "momentum", "be in [0, 1)", self.momentum)
+        require(self.weight_decay >= 0, "weight_decay", "be >= 0", self.weight_decay)
+
+
+@dataclass(frozen=True)
+class NamedConfig:
+    """A component chosen by name plus its options (validated by the layer that owns it)."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """A whole federation run, as loaded from one TOML file."""
+
+    run: RunConfig
+    algorithm: NamedConfig
+    training: TrainingConfig
+    model: NamedConfig
+    data: NamedConfig
+    source: str = "<memory>"  # the file it came from, for error messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-able form (the resolved config written to the run directory)."""
+
+        def plain(obj: Any) -> Any:
+            if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+                return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            if isinstance(obj, Mapping):
+                return {k: plain(v) for k, v in obj.items()}
+            if isinstance(obj, tuple):
+                return [plain(v) for v in obj]
+            return obj
+
+        out = plain(self)
+        out.pop("source")
+        return out
+
+    def digest(self) -> str:
+        """SHA-256 of the resolved config, used to refuse resuming a different run."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+_SECTIONS: dict[str, Any] = {
+    "run": RunConfig,
+    "algorithm": NamedConfig,
+    "training": TrainingConfig,
+    "model": NamedConfig,
+    "data": NamedConfig,
+}
+
+
+def federation_from_dict(data: Mapping[str, Any], *, source: str = "<memory>") -> FederationConfig:
+    """Validate a raw mapping (as parsed from TOML) into a :class:`FederationConfig`."""
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section [{unknown[0]}]; allowed sections are "
+            + ", ".join(f"[{s}]" for s in _SECTIONS)
+        )
+    built: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if name not in data:
+            if name in ("algorithm", "model", "data"):
+                raise ConfigError(f"{source}: section [{name}] is required but missing")
+            built[name] = cls()
+            continue
+        built[name] = build_dataclass(cls, data[name], where=f"{source}: [{name}]")
+    return FederationConfig(source=source, **built)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``"section.key=value"`` (value in TOML syntax, bare words taken as strings)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(f"override {text!r} must name a section and a key, e.g. run.rounds=5")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a deep copy of ``data`` with ``section.key=value`` overrides applied."""
+    out = json.loads(json.dumps(data))  # deep copy of plain TOML data; never mutate the caller's
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a table")
+        node[path[-1]] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning I/O and syntax errors into one-line ConfigErrors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
+
+
+def load_federation(path: str | Path, overrides: list[str] | None = None) -> FederationConfig:
+    """Load and validate a federation config file.
+
+    Parameters
+    ----------
+    path
+        The TOML file.
+    overrides
+        ``section.key=value`` strings applied on top of the file (CLI ``--set``).
+    """
+    raw = apply_overrides(read_toml(path), overrides or [])
+    return federation_from_dict(raw, source=str(path))

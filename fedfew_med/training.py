@@ -1,0 +1,208 @@
+"""One site's local training and evaluation; knows nothing of federations.
+
+:class:`SiteWork` implements :class:`fedfew_med.algorithms.LocalWork` for one site
+and one round. Determinism without global state: the data order of every
+training call is drawn from a ``torch.Generator`` seeded from (run seed, round,
+site, slot), so a resumed run replays exactly what an uninterrupted one does.
+Site-local buffers (norm statistics) are kept per slot in :class:`SiteState`.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from fedfew_med.algorithms.base import Params, Prox, TrainResult
+from fedfew_med.config import TrainingConfig
+from fedfew_med.data.base import SiteData, Split
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def task_loss(task: str) -> LossFn:
+    """The training loss of a task: cross-entropy (classification) or Dice + CE (segmentation)."""
+    if task == "classification":
+        return nn.CrossEntropyLoss()
+    if task == "segmentation":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from integers and strings (strings hashed with CRC32, stable across runs)."""
+    ints = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
+    return int(np.random.SeedSequence(ints).generate_state(2, dtype=np.uint32).astype(np.uint64) @ np.array([1 << 31, 1], dtype=np.uint64))
+
+
+@dataclass
+class SiteState:
+    """Everything a site keeps between rounds.
+
+    Attributes
+    ----------
+    models
+        Personal / local models by slot (Ditto's ``personal``, Local's ``local``).
+    buffers
+        Norm-layer buffers by slot; a slot seen for the first time starts from the
+        network's initial buffers.
+    """
+
+    models: dict[str, Params] = field(default_factory=dict)
+    buffers: dict[str, Params] = field(default_factory=dict)
+
+    def copy(self) -> SiteState:
+        """Deep copy (evaluation and failed rounds must leave the real state untouched)."""
+        return SiteState(models=copy.deepcopy(self.models), buffers=copy.deepcopy(self.buffers))
+
+
+class SiteWork:
+    """A site's compute for one round (implements ``LocalWork``).
+
+    Parameters
+    ----------
+    data
+        The site's data.
+    network
+        A network instance used as scratch space (its weights are overwritten on every call).
+    initial_buffers
+        Buffers of the freshly initialised network.
+    state
+        The site's persistent state; updated in place.
+    training
+        Local training hyper-parameters.
+    seed, round_idx
+        Run seed and round, for the per-slot data-order generators.
+    """
+
+    def __init__(
+        self,
+        *,
+        data: SiteData,
+        network: nn.Module,
+        initial_buffers: Params,
+        state: SiteState,
+        training: TrainingConfig,
+        seed: int,
+        round_idx: int,
+    ) -> None:
+        self.data = data
+        self.network = network
+        self.initial_buffers = initial_buffers
+        self.site_state = state
+        self.training = training
+        self.seed = seed
+        self.round_idx = round_idx
+        self.loss_fn = task_loss(data.task)
+        self.samples_seen = 0
+        self.steps_taken = 0
+
+    # -------------------------------------------------------------- LocalWork
+    @property
+    def num_samples(self) -> int:
+        return self.data.size("train")
+
+    @property
+    def state(self) -> dict[str, Params]:
+        return self.site_state.models
+
+    def _load(self, params: Params, slot: str) -> None:
+        buffers = self.site_state.buffers.get(slot, self.initial_buffers)
+        self.network.load_state_dict({**params, **buffers}, strict=True)
+
+    def generator(self, slot: str) -> torch.Generator:
+        """The data-order generator of ``slot`` in this round."""
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.round_idx, self.data.name, slot))
+
+    def train(
+        self,
+        params: Params,
+        *,
+        slot: str,
+        epochs: int | None = None,
+        prox: Prox | None = None,
+        from_slot: str | None = None,
+    ) -> TrainResult:
+        """Plain SGD on a copy of ``params`` for ``epochs`` epochs; see ``LocalWork.train``."""
+        t = self.training
+        epochs = t.local_epochs if epochs is None else epochs
+        if self.num_samples == 0:
+            raise ValueError(f"site {self.data.name!r} has no training records")
+        self._load(params, from_slot or slot)
+        net = self.network
+        net.train()
+        opt = torch.optim.SGD(net.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        loader = self.data.loader("train", batch_size=t.batch_size, generator=self.generator(slot))
+        centre = {n: v.detach() for n, v in prox.center.items()} if prox is not None else None
+        named = dict(net.named_parameters())
+        steps = samples = 0
+        epoch_loss = 0.0
+        for _ in range(epochs):
+            total, count = 0.0, 0
+            for batch in loader:
+                x, y = batch["image"], batch["label"]
+                opt.zero_grad(set_to_none=True)
+                loss = self.loss_fn(net(x), y)
+                objective = loss
+                if centre is not None and prox is not None:
+                    # FedProx/Ditto proximal term strength/2 · ||θ − centre||²
+                    sq = sum(((named[n] - c) ** 2).sum() for n, c in centre.items())
+                    objective = loss + 0.5 * prox.strength * sq
+                objective.backward()
+                opt.step()
+                total += float(loss.detach()) * len(x)
+                count += len(x)
+                steps += 1
+            samples += count
+            epoch_loss = total / max(count, 1)
+        self.site_state.buffers[slot] = {n: b.detach().clone() for n, b in net.named_buffers()}
+        self.samples_seen += samples
+        self.steps_taken += steps
+        new_params = {n: p.detach().clone() for n, p in net.named_parameters()}
+        return TrainResult(params=new_params, loss=epoch_loss, steps=steps, samples=samples)
+
+    @torch.no_grad()
+    def loss(self, params: Params, *, slot: str, split: str = "train") -> float:
+        """Mean loss of ``params`` on ``split`` in eval mode (an empty split falls back to train)."""
+        split_ = self._split(split)
+        self._load(params, slot)
+        self.network.eval()
+        total, count = 0.0, 0
+        for batch in self.data.loader(split_, batch_size=max(self.training.batch_size, 64)):
+            x, y = batch["image"], batch["label"]
+            total += float(self.loss_fn(self.network(x), y)) * len(x)
+            count += len(x)
+        return total / max(count, 1)
+
+    # -------------------------------------------------------------- evaluation
+    def _split(self, split: str) -> Split:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        if split == "val" and self.data.size("val") == 0:
+            return "train"
+        return split  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def predict(self, params: Params, *, slot: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities and targets on ``split``.
+
+        Returns
+        -------
+        probs, targets
+            Classification: (N, C) and (N,). Segmentation: (N, C, *spatial) and (N, 1, *spatial).
+        """
+        self._load(params, slot)
+        self.network.eval()
+        probs, targets = [], []
+        for batch in self.data.loader(self._split(split), batch_size=max(self.training.batch_size, 64)):
+            probs.append(torch.softmax(self.network(batch["image"]), dim=1))
+            targets.append(batch["label"])
+        if not probs:
+            raise ValueError(f"site {self.data.name!r} has no {split} records")
+        return torch.cat(probs), torch.cat(targets)

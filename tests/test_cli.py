@@ -1,0 +1,85 @@
+"""The command line: help texts, exit codes, one-line errors naming file and key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedfew_med.cli import build_parser, main
+
+
+def test_help_explains_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "simulate" in out and "FedFew" in out
+    sub = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in sub:
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0
+        assert "usage: fedfew-med " + name in capsys.readouterr().out
+
+
+def test_bad_config_path_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["simulate", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fedfew-med: error: {tmp_path / 'missing.toml'}: config file not found"]
+
+
+def test_bad_key_names_file_and_key(tmp_path, capsys):
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text('[run]\nrounds = 2\nlearning_rate = 1\n[algorithm]\nname = "fedfew"\n[model]\nname = "classifier"\n[data]\nname = "synthetic"\n')
+    assert main(["simulate", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{cfg}: [run]: unknown key 'learning_rate'" in err[0]
+
+
+def test_bad_algorithm_option(tmp_path, capsys):
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text('[algorithm]\nname = "fedfew"\nparams = {k = 0}\n[model]\nname = "classifier"\n[data]\nname = "synthetic"\n')
+    assert main(["simulate", str(cfg), "-o", str(tmp_path / "r")]) == 2
+    assert f"{cfg}: [algorithm].params.k must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_simulate_prints_table_and_resumes(tmp_path, capsys):
+    from tests.conftest import TINY
+
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text(_toml(TINY))
+    out_dir = tmp_path / "run"
+    assert main(["simulate", str(cfg), "-o", str(out_dir), "--stop-after", "2", "-q"]) == 0
+    assert main(["simulate", str(cfg), "-o", str(out_dir), "-q"]) == 2  # refuses to clobber
+    assert "--resume" in capsys.readouterr().err
+    assert main(["simulate", str(cfg), "-o", str(out_dir), "--resume", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "fedfew (K=2), 4 rounds" in out and "site00-bright" in out and "Jain" in out
+    assert json.loads((out_dir / "summary.json").read_text())["finished"] is True
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "fedfew_med.cli", "--help"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "usage: fedfew-med" in proc.stdout
+
+
+def _toml(data: dict) -> str:
+    lines: list[str] = []
+
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    def table(prefix: str, d: dict) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}", v)
+
+    for name, section in data.items():
+        table(name, section)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,184 @@
+"""The in-process federation: run directory, determinism, resume, faults, every method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedfew_med import simulation
+from fedfew_med.algorithms import REGISTRY
+from fedfew_med.config import federation_from_dict
+from fedfew_med.simulation import RunDirError, run
+from tests.conftest import tiny_dict
+
+
+def _config(**sections):
+    return federation_from_dict(tiny_dict(**sections), source="tiny.toml")
+
+
+def _assert_same_models(a, b):
+    assert len(a) == len(b)
+    for ma, mb in zip(a, b, strict=True):
+        assert ma.keys() == mb.keys()
+        for name in ma:
+            assert torch.equal(ma[name], mb[name]), name
+
+
+def test_run_directory_contents(tmp_path, tiny_config):
+    result = run(tiny_config, run_dir=tmp_path / "r")
+    d = tmp_path / "r"
+    assert json.loads((d / "config.json").read_text()) == tiny_config.to_dict()
+    records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    rec = records[-1]
+    server = rec["server"]
+    m, k = 3, 2
+    assert len(server["losses"]) == m and all(len(row) == k for row in server["losses"])
+    assert sum(server["alpha"]) == pytest.approx(1.0)
+    assert all(sum(row) == pytest.approx(1.0) for row in server["w"])
+    assert sum(server["c"]) == pytest.approx(1.0)
+    assert set(rec["assignments"]) == set(rec["metrics"]) and len(rec["assignments"]) == m
+    assert all(b["sent"] > 0 and b["received"] > 0 for b in rec["bytes"].values())
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["finished"] and summary["rounds"] == 4
+    assert set(summary["summary"]) == {"mean", "worst", "best", "jain"}
+    # checkpoints are safetensors + JSON only: nothing to unpickle
+    ckpt_files = {p.name for p in (d / "checkpoints").rglob("*") if p.is_file()}
+    assert ckpt_files == {"LATEST", "server.safetensors", "sites.safetensors", "state.json"}
+    saved = load_file(str(d / "models.safetensors"))
+    assert torch.equal(saved["0/" + next(iter(result.models[0]))], next(iter(result.models[0].values())))
+
+
+def test_bytes_match_model_size(tmp_path, tiny_config):
+    result = run(tiny_config, run_dir=tmp_path / "r")
+    per_model = simulation.params_nbytes(result.models[0])
+    rec = result.records[0]
+    for b in rec["bytes"].values():
+        assert b["sent"] == 2 * per_model  # K = 2 models down
+        assert b["received"] == 2 * per_model + 8 * 3  # K models + K losses + count up
+
+
+def test_same_seed_same_result_to_the_bit(tmp_path, tiny_config):
+    a = run(tiny_config, run_dir=tmp_path / "a")
+    b = run(tiny_config, run_dir=tmp_path / "b")
+    _assert_same_models(a.models, b.models)
+    assert a.summary["per_site"] == b.summary["per_site"]
+    c = run(_config(run={"seed": 4}), run_dir=tmp_path / "c")
+    assert not torch.equal(next(iter(a.models[0].values())), next(iter(c.models[0].values())))
+
+
+@pytest.mark.parametrize("algorithm", ["fedfew", "ditto", "local", "ifca"])
+def test_resume_equals_uninterrupted_to_the_bit(tmp_path, algorithm):
+    params = {"fedfew": {"k": 2, "init": "perturbed"}, "ditto": {"lam": 0.1}, "local": {}, "ifca": {"k": 2}}[algorithm]
+    cfg = federation_from_dict(
+        {**tiny_dict(), "algorithm": {"name": algorithm, "params": params}}, source="tiny.toml"
+    )
+    straight = run(cfg, run_dir=tmp_path / "straight")
+    first = run(cfg, run_dir=tmp_path / "split", stop_after=2)
+    assert first.rounds_completed == 2 and not first.summary["finished"]
+    resumed = run(cfg, run_dir=tmp_path / "split", resume=True)
+    assert resumed.rounds_completed == 4 and resumed.summary["finished"]
+    _assert_same_models(straight.models, resumed.models)
+    a = load_file(str(tmp_path / "straight/checkpoints/round-00003/sites.safetensors"))
+    b = load_file(str(tmp_path / "split/checkpoints/round-00003/sites.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    lines_a = (tmp_path / "straight/metrics.jsonl").read_text().splitlines()
+    lines_b = (tmp_path / "split/metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines_a]
+    assert strip == [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines_b]
+
+
+def test_resume_drops_records_after_the_last_checkpoint(tmp_path, tiny_config):
+    d = tmp_path / "r"
+    run(tiny_config, run_dir=d, stop_after=2)
+    with (d / "metrics.jsonl").open("a") as fh:  # a crash after the record, before the checkpoint
+        fh.write(json.dumps({"round": 2, "partial": True}) + "\n" + '{"round": 3, "tor')
+    run(tiny_config, run_dir=d, resume=True)
+    rounds = [json.loads(line)["round"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2, 3]
+
+
+def test_existing_run_dir_is_protected(tmp_path, tiny_config):
+    run(tiny_config, run_dir=tmp_path / "r", stop_after=1)
+    with pytest.raises(RunDirError, match="--resume"):
+        run(tiny_config, run_dir=tmp_path / "r")
+    with pytest.raises(RunDirError, match="different config"):
+        run(_config(run={"seed": 9}), run_dir=tmp_path / "r", resume=True)
+    run(tiny_config, run_dir=tmp_path / "r", overwrite=True)
+
+
+def test_a_crashing_site_is_skipped_and_recorded(tmp_path, tiny_config, monkeypatch):
+    original = simulation.Federation.site_step
+
+    def flaky(self, site, info):
+        if site.startswith("site01") and info.round == 1:
+            raise RuntimeError("disk full at the site")
+        return original(self, site, info)
+
+    monkeypatch.setattr(simulation.Federation, "site_step", flaky)
+    result = run(tiny_config, run_dir=tmp_path / "r")
+    rec = result.records[1]
+    assert list(rec["failures"]) == ["site01-dark"] and "disk full" in rec["failures"]["site01-dark"]
+    assert "site01-dark" not in rec["server"]["sites"] and len(rec["server"]["sites"]) == 2
+    assert result.summary["finished"] and "1" in result.summary["failures"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"losses": (float("nan"), 1.0)}, "non-finite loss"),
+        ({"losses": (1.0,)}, "expected 2 losses"),
+        ({"nan_param": True}, "NaN or Inf"),
+        ({"wrong_shape": True}, "expected"),
+        ({"extra_model": True}, "was not sent"),
+    ],
+)
+def test_malformed_updates_are_rejected(bad, message):
+    sent = {0: {"w": torch.zeros(2, 3)}, 1: {"w": torch.zeros(2, 3)}}
+    models = {0: {"w": torch.ones(2, 3)}}
+    if bad.get("nan_param"):
+        models = {0: {"w": torch.full((2, 3), float("nan"))}}
+    if bad.get("wrong_shape"):
+        models = {0: {"w": torch.ones(3, 2)}}
+    if bad.get("extra_model"):
+        models = {5: {"w": torch.ones(2, 3)}}
+    reply = simulation.SiteReply(num_samples=4, losses=bad.get("losses", (1.0, 2.0)), models=models)
+    with pytest.raises(ValueError, match=message):
+        simulation.validate_reply(reply, sent, 2)
+
+
+def test_participation_fraction_is_seeded(tmp_path):
+    cfg = _config(run={"participation": 0.5, "rounds": 3}, data={"params": {**tiny_dict()["data"]["params"], "num_sites": 4}})
+    fed = simulation.Federation(cfg, simulation.build_sites(cfg.data))
+    chosen = [fed.participants(r) for r in range(6)]
+    assert all(len(c) == 2 for c in chosen)
+    assert len({tuple(c) for c in chosen}) > 1  # it varies over rounds
+    assert chosen == [fed.participants(r) for r in range(6)]  # and is reproducible
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_method_runs_under_one_protocol(tmp_path, name):
+    cfg = federation_from_dict(
+        {**tiny_dict(run={"rounds": 2, "finetune_eval_epochs": 1}), "algorithm": {"name": name}}, source="tiny.toml"
+    )
+    result = run(cfg, run_dir=tmp_path / name)
+    per_site = result.summary["per_site"]
+    assert len(per_site) == 3
+    assert all(0.0 <= row["metric"] <= 1.0 and 0.0 <= row["metric_finetuned"] <= 1.0 for row in per_site.values())
+    if name in ("local", "ditto"):
+        assert all(row["model"] is None for row in per_site.values())
+
+
+def test_segmentation_federation_runs(tmp_path):
+    cfg = federation_from_dict(
+        tiny_dict(run={"rounds": 1}, model={"name": "unet", "params": {"channels": [4, 8], "strides": [2]}},
+                  data={"params": {**tiny_dict()["data"]["params"], "task": "segmentation"}}),
+        source="tiny.toml",
+    )
+    result = run(cfg, run_dir=tmp_path / "seg")
+    assert result.summary["metric"] == "dice"
+    assert all(0.0 <= row["metric"] <= 1.0 for row in result.summary["per_site"].values())
+    assert all("hd95" in row["metrics"] for row in result.summary["per_site"].values())

@@ -26,7 +26,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check fedfew_med tests benchmarks
+	$(BIN)/ruff check fedfew_med tests $(wildcard benchmarks)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

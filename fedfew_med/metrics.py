@@ -15,7 +15,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 from sklearn import metrics as skm
 
-PRIMARY = {"classification": "accuracy", "segmentation": "dice"}
+PRIMARY = {"classification": "accuracy", "tabular": "accuracy", "segmentation": "dice"}
 
 
 def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:

@@ -15,6 +15,8 @@ name               network                                tasks
 ``resnet18``       ``monai.networks.nets.resnet18``       classification
 ``unet``           ``monai.networks.nets.UNet``           segmentation
 ``basicunet``      ``monai.networks.nets.BasicUNet``      segmentation
+``logreg``         logistic regression (one linear layer) tabular
+``mlp``            ``monai.networks.nets.FullyConnectedNet`` tabular
 =================  =====================================  ==================
 """
 
@@ -79,6 +81,8 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any], int, int, int, int], nn.Module
     "basicunet": lambda p, c, k, d, s: nets.BasicUNet(
         spatial_dims=d, in_channels=c, out_channels=k, features=tuple(p.get("features", (8, 8, 16, 32, 64, 8)))
     ),
+    "logreg": lambda p, c, k, d, s: nn.Linear(c, k),
+    "mlp": lambda p, c, k, d, s: nets.FullyConnectedNet(c, k, hidden_channels=tuple(p.get("hidden", (32,))), act="RELU"),
 }
 
 TASKS = {
@@ -88,6 +92,8 @@ TASKS = {
     "resnet18": "classification",
     "unet": "segmentation",
     "basicunet": "segmentation",
+    "logreg": "tabular",
+    "mlp": "tabular",
 }
 
 

@@ -194,7 +194,7 @@ class Federation:
 
     def _score(self, work: SiteWork, params: Params, slot: str) -> dict[str, float]:
         probs, targets = work.predict(params, slot=slot, split="test")
-        if self.task == "classification":
+        if self.task in ("classification", "tabular"):
             return classification_metrics(probs.numpy(), targets.numpy())
         return segmentation_metrics(probs.argmax(dim=1, keepdim=True), targets, probs.shape[1])
 

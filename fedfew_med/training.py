@@ -28,11 +28,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def task_loss(task: str) -> LossFn:
     """The training loss of a task: cross-entropy (classification) or Dice + CE (segmentation)."""
-    if task == "classification":
+    if task in ("classification", "tabular"):
         return nn.CrossEntropyLoss()
     if task == "segmentation":
         return DiceCELoss(to_onehot_y=True, softmax=True)
-    raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
+    raise ValueError(f"task must be 'classification', 'segmentation' or 'tabular', got {task!r}")
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 Split = Literal["train", "val", "test"]
-Task = Literal["classification", "segmentation"]
+Task = Literal["classification", "segmentation", "tabular"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class SiteData:
     name
         Site identifier (letters, digits, ``-``, ``_``, ``.``); used in logs and checkpoints.
     task
-        ``classification`` (label: int class) or ``segmentation`` (label: (1, *spatial) int mask).
+        ``classification`` (label: int class), ``segmentation`` (label: (1, *spatial) int mask)
+        or ``tabular`` (image: (F,) float features, label: int class; ``in_channels`` = F,
+        ``spatial_dims`` = 0).
     splits
         Map-style datasets by split name.
     in_channels, num_classes, spatial_dims

@@ -24,23 +24,29 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from fedfew_med import checkpoint
-from fedfew_med.algorithms import Algorithm, Params, RoundInfo, SiteReply, build_algorithm
+from fedfew_med.algorithms import Params, RoundInfo, SiteReply
 from fedfew_med.config import FederationConfig
 from fedfew_med.data import SiteData, build_sites
-from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_metrics, summarize
-from fedfew_med.models import buffers_of, build_model, parameters_of
-from fedfew_med.training import SiteState, SiteWork, derive_seed
+from fedfew_med.metrics import PRIMARY, summarize
+from fedfew_med.runtime import (
+    ModelFacts,
+    ServerRuntime,
+    WorkFactory,
+    local_runtimes,
+    make_algorithm,
+    params_nbytes,
+    reply_nbytes,
+    validate_reply,
+)
+from fedfew_med.training import SiteState, SiteWork
 
 log = logging.getLogger(__name__)
 
@@ -69,134 +75,40 @@ class SimulationResult:
     records: list[dict[str, Any]] = field(default_factory=list)  # rounds run by this call
 
 
-def params_nbytes(params: Params) -> int:
-    """Bytes of a model's parameters on the wire (raw tensor bytes)."""
-    return sum(t.numel() * t.element_size() for t in params.values())
-
-
-def validate_reply(reply: SiteReply, sent: Mapping[int, Params], num_models: int) -> None:
-    """Raise ValueError unless ``reply`` holds finite losses and well-formed updates of models it was sent."""
-    if num_models and len(reply.losses) != num_models:
-        raise ValueError(f"expected {num_models} losses, got {len(reply.losses)}")
-    if not all(math.isfinite(x) for x in reply.losses):
-        raise ValueError(f"non-finite loss reported: {list(reply.losses)}")
-    if reply.num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {reply.num_samples}")
-    for k, params in reply.models.items():
-        if k not in sent:
-            raise ValueError(f"returned model {k}, which was not sent")
-        ref = sent[k]
-        if set(params) != set(ref):
-            raise ValueError(f"model {k}: parameter names differ from the model sent")
-        for name, t in params.items():
-            if t.shape != ref[name].shape or t.dtype != ref[name].dtype:
-                raise ValueError(f"model {k}: {name!r} is {t.dtype}{tuple(t.shape)}, expected {ref[name].dtype}{tuple(ref[name].shape)}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"model {k}: {name!r} has NaN or Inf values")
+__all__ = ["Callbacks", "Federation", "RunDirError", "SimulationResult", "run", "validate_reply"]
 
 
 class Federation:
-    """Sites, network and algorithm of one run, with the per-round steps (no file I/O)."""
+    """One server and many sites in this process (no file I/O)."""
 
-    def __init__(self, config: FederationConfig, sites: Sequence[SiteData]) -> None:
+    def __init__(self, config: FederationConfig, sites: Sequence[SiteData], work_factory: WorkFactory = SiteWork) -> None:
         self.config = config
-        self.sites = {s.name: s for s in sites}
-        if len(self.sites) != len(sites):
-            raise ValueError("site names must be unique")
-        first = sites[0]
-        for s in sites:
-            if (s.task, s.in_channels, s.num_classes, s.spatial_dims) != (first.task, first.in_channels, first.num_classes, first.spatial_dims):
-                raise ValueError(f"site {s.name!r} differs from {first.name!r} in task, channels, classes or dimensions")
-        self.task = first.task
-        image_size = int(first.splits["train"][0]["image"].shape[-1]) if first.size("train") else 32
-        seed = config.run.seed
+        self.task = ModelFacts.common(sites).task
+        algorithm, models = make_algorithm(config, ModelFacts.common(sites))
+        self.server = ServerRuntime(config, algorithm, models)
+        self.sites = local_runtimes(config, sites, algorithm, work_factory)
 
-        def network(i: int) -> nn.Module:
-            return build_model(
-                config.model.name,
-                config.model.params,
-                task=first.task,
-                in_channels=first.in_channels,
-                num_classes=first.num_classes,
-                spatial_dims=first.spatial_dims,
-                image_size=image_size,
-                seed=derive_seed(seed, "init", i),
-            )
-
-        self.network = network(0)  # scratch network shared by the (sequential) sites
-        self.initial_buffers = buffers_of(self.network)
-        self.algorithm: Algorithm = build_algorithm(
-            config.algorithm.name, config.algorithm.params, seed=seed, where=f"{config.source}: [algorithm]"
-        )
-        self.models = self.algorithm.init_models(lambda i: parameters_of(network(i)) if i else parameters_of(self.network))
-        self.state = {name: SiteState() for name in self.sites}
-
-    def work(self, site: str, round_idx: int, state: SiteState | None = None) -> SiteWork:
-        """The compute of ``site`` in ``round_idx`` (on its real state unless one is given)."""
-        return SiteWork(
-            data=self.sites[site],
-            network=self.network,
-            initial_buffers=self.initial_buffers,
-            state=self.state[site] if state is None else state,
-            training=self.config.training,
-            seed=self.config.run.seed,
-            round_idx=round_idx,
-        )
+    @property
+    def models(self) -> list[Params]:
+        return self.server.models
 
     def participants(self, round_idx: int) -> list[str]:
-        """Sites sampled for ``round_idx`` (all when participation is 1)."""
-        names = sorted(self.sites)
-        m = max(1, round(self.config.run.participation * len(names)))
-        if m >= len(names):
-            return names
-        rng = np.random.default_rng(derive_seed(self.config.run.seed, "participation", round_idx))
-        return sorted(names[i] for i in rng.choice(len(names), size=m, replace=False))
+        """Sites sampled for ``round_idx``."""
+        return self.server.participants(round_idx, list(self.sites))
 
     def round_info(self, round_idx: int, participants: Sequence[str]) -> RoundInfo:
-        """The broadcast of ``round_idx``: λ_i (sample share among participants) and extras."""
-        n = {s: self.sites[s].size("train") for s in participants}
-        total = sum(n.values())
-        return RoundInfo(
-            round=round_idx,
-            num_rounds=self.config.run.rounds,
-            participants=tuple(participants),
-            site_weight={s: n[s] / total for s in participants},
-            extras=self.algorithm.round_extras(round_idx, self.config.run.rounds),
-        )
+        """The broadcast of ``round_idx`` to ``participants``."""
+        return self.server.round_info(round_idx, {s: self.sites[s].data.size("train") for s in participants})
 
     def site_step(self, site: str, info: RoundInfo) -> tuple[SiteReply, dict[str, int]]:
-        """Run one site's round; its state changes only if the step succeeds and validates."""
-        sent = {k: {n: t.clone() for n, t in self.models[k].items()} for k in self.algorithm.models_to_send(site, info)}
-        scratch = self.state[site].copy()
-        reply = self.algorithm.local_round(site, info, sent, self.work(site, info.round, scratch))
-        validate_reply(reply, sent, self.algorithm.num_models)
-        self.state[site] = scratch
-        traffic = {
-            "sent": sum(params_nbytes(p) for p in sent.values()),
-            "received": sum(params_nbytes(p) for p in reply.models.values()) + 8 * (len(reply.losses) + 1),
-        }
-        return reply, traffic
+        """Send ``site`` its models, run its round, and count the traffic."""
+        sent = self.server.models_for(site, info)
+        reply = self.sites[site].step(info, sent)
+        return reply, {"sent": sum(params_nbytes(p) for p in sent.values()), "received": reply_nbytes(reply)}
 
     def evaluate(self, round_idx: int) -> dict[str, dict[str, Any]]:
-        """Every site's deployed model on its test split (and after fine-tuning, if configured)."""
-        out: dict[str, dict[str, Any]] = {}
-        ft_epochs = self.config.run.finetune_eval_epochs
-        for site in sorted(self.sites):
-            work = self.work(site, round_idx, self.state[site].copy())  # evaluation never changes state
-            dep = self.algorithm.deploy(site, self.models, work)
-            entry: dict[str, Any] = {"model": dep.model_index, "scores": list(dep.scores)}
-            entry["metrics"] = self._score(work, dep.params, dep.slot)
-            if ft_epochs:
-                tuned = work.train(dep.params, slot="eval_finetune", from_slot=dep.slot, epochs=ft_epochs)
-                entry["metrics_finetuned"] = self._score(work, tuned.params, "eval_finetune")
-            out[site] = entry
-        return out
-
-    def _score(self, work: SiteWork, params: Params, slot: str) -> dict[str, float]:
-        probs, targets = work.predict(params, slot=slot, split="test")
-        if self.task in ("classification", "tabular"):
-            return classification_metrics(probs.numpy(), targets.numpy())
-        return segmentation_metrics(probs.argmax(dim=1, keepdim=True), targets, probs.shape[1])
+        """Every site's deployed model on its test split."""
+        return {name: self.sites[name].evaluate(self.server.models, round_idx) for name in sorted(self.sites)}
 
 
 def _prepare_run_dir(run_dir: Path, config: FederationConfig, *, resume: bool, overwrite: bool) -> checkpoint.Checkpoint | None:
@@ -252,7 +164,7 @@ def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation
             traffic[s]["received"] += b["received"]
     out: dict[str, Any] = {
         "algorithm": fed.config.algorithm.name,
-        "num_models": fed.algorithm.num_models,
+        "num_models": fed.server.algorithm.num_models,
         "rounds": len(records),
         "metric": primary,
         "per_site": {
@@ -260,8 +172,8 @@ def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation
                 "metric": per_site[s],
                 "model": evaluation[s]["model"],
                 "metrics": evaluation[s]["metrics"],
-                "protocol": fed.sites[s].metadata.get("protocol"),
-                "n_train": fed.sites[s].size("train"),
+                "protocol": fed.sites[s].data.metadata.get("protocol"),
+                "n_train": fed.sites[s].data.size("train"),
                 **({"metric_finetuned": evaluation[s]["metrics_finetuned"][primary]} if "metrics_finetuned" in evaluation[s] else {}),
             }
             for s in sorted(evaluation)
@@ -312,8 +224,9 @@ def run(
     start = 0
     history: list[dict[str, Any]] = []
     if ckpt is not None:
-        fed.models = ckpt.server_models
-        fed.state.update({s: ckpt.sites.get(s, SiteState()) for s in fed.sites})
+        fed.server.models = ckpt.server_models
+        for name, site_runtime in fed.sites.items():
+            site_runtime.state = ckpt.sites.get(name, SiteState())
         start = ckpt.round + 1
         history = _truncate_metrics(run_dir / "metrics.jsonl", ckpt.round)
         log.info("resuming %s after round %d", run_dir, ckpt.round)
@@ -337,8 +250,7 @@ def run(
                 log.warning("round %d: site %s skipped: %s", r, site, failures[site])
             if cb.on_site_done:
                 cb.on_site_done(r, site)
-        step = fed.algorithm.aggregate(info, fed.models, replies)
-        fed.models = step.models
+        step = fed.server.aggregate(info, replies)
         last = r == config.run.rounds - 1
         if last or r % config.run.eval_every == 0 or r == end - 1:
             evaluation = fed.evaluate(r)
@@ -356,7 +268,8 @@ def run(
             "seconds": round(time.perf_counter() - t0, 4),
         }
         _append_jsonl(run_dir / "metrics.jsonl", record)  # before the checkpoint: a completed round always has its record
-        checkpoint.save(run_dir, r, server_models=fed.models, sites=fed.state, state={"config_digest": config.digest()})
+        site_states = {name: rt.state for name, rt in fed.sites.items()}
+        checkpoint.save(run_dir, r, server_models=fed.models, sites=site_states, state={"config_digest": config.digest()})
         records.append(record)
         if cb.on_round_end:
             cb.on_round_end(record)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedfew_med import simulation
+from fedfew_med import runtime, simulation
 from fedfew_med.algorithms import REGISTRY
 from fedfew_med.config import federation_from_dict
 from fedfew_med.simulation import RunDirError, run
@@ -54,7 +54,7 @@ def test_run_directory_contents(tmp_path, tiny_config):
 
 def test_bytes_match_model_size(tmp_path, tiny_config):
     result = run(tiny_config, run_dir=tmp_path / "r")
-    per_model = simulation.params_nbytes(result.models[0])
+    per_model = runtime.params_nbytes(result.models[0])
     rec = result.records[0]
     for b in rec["bytes"].values():
         assert b["sent"] == 2 * per_model  # K = 2 models down
@@ -145,9 +145,9 @@ def test_malformed_updates_are_rejected(bad, message):
         models = {0: {"w": torch.ones(3, 2)}}
     if bad.get("extra_model"):
         models = {5: {"w": torch.ones(2, 3)}}
-    reply = simulation.SiteReply(num_samples=4, losses=bad.get("losses", (1.0, 2.0)), models=models)
+    reply = runtime.SiteReply(num_samples=4, losses=bad.get("losses", (1.0, 2.0)), models=models)
     with pytest.raises(ValueError, match=message):
-        simulation.validate_reply(reply, sent, 2)
+        runtime.validate_reply(reply, sent, 2)
 
 
 def test_participation_fraction_is_seeded(tmp_path):

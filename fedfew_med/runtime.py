@@ -1,0 +1,249 @@
+"""The two sides of a round, shared by every way of running a federation.
+
+:class:`ServerRuntime` holds the K server models and the algorithm's server half
+(broadcast, aggregation); :class:`SiteRuntime` holds one site's data, state and
+the algorithm's site half (local step, deployment, evaluation). The in-process
+simulation drives many ``SiteRuntime`` objects in one process; the Flower app
+puts one ``SiteRuntime`` in each SuperNode and the ``ServerRuntime`` in the
+ServerApp. Neither runner re-implements anything here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedfew_med.algorithms import Algorithm, Params, RoundInfo, ServerStep, SiteReply, build_algorithm
+from fedfew_med.config import FederationConfig
+from fedfew_med.data import SiteData
+from fedfew_med.metrics import classification_metrics, segmentation_metrics
+from fedfew_med.models import buffers_of, build_model, parameters_of
+from fedfew_med.training import SiteState, SiteWork, derive_seed
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a network must accept and produce; identical at every site of a federation."""
+
+    task: str
+    in_channels: int
+    num_classes: int
+    spatial_dims: int
+    image_size: int
+
+    @classmethod
+    def of(cls, site: SiteData) -> ModelFacts:
+        """Facts of a site's data (image size read from its first training record)."""
+        size = int(site.splits["train"][0]["image"].shape[-1]) if site.size("train") else 0
+        return cls(site.task, site.in_channels, site.num_classes, site.spatial_dims, size)
+
+    @classmethod
+    def common(cls, sites: Sequence[SiteData]) -> ModelFacts:
+        """Facts shared by all ``sites``; ValueError naming the first site that differs."""
+        facts = [cls.of(s) for s in sites]
+        for site, f in zip(sites, facts, strict=True):
+            if f != facts[0]:
+                raise ValueError(f"site {site.name!r} has {f}, but {sites[0].name!r} has {facts[0]}: all sites must agree")
+        return facts[0]
+
+
+def network_factory(config: FederationConfig, facts: ModelFacts) -> Callable[[int], nn.Module]:
+    """``factory(i)`` builds the configured network with the i-th seeded initialisation."""
+
+    def build(i: int) -> nn.Module:
+        return build_model(
+            config.model.name,
+            config.model.params,
+            task=facts.task,
+            in_channels=facts.in_channels,
+            num_classes=facts.num_classes,
+            spatial_dims=facts.spatial_dims,
+            image_size=facts.image_size,
+            seed=derive_seed(config.run.seed, "init", i),
+        )
+
+    return build
+
+
+def make_algorithm(config: FederationConfig, facts: ModelFacts) -> tuple[Algorithm, list[Params]]:
+    """The configured algorithm and its initial server models (deterministic in the run seed)."""
+    algorithm = build_algorithm(config.algorithm.name, config.algorithm.params, seed=config.run.seed,
+                                where=f"{config.source}: [algorithm]")
+    factory = network_factory(config, facts)
+    models = algorithm.init_models(lambda i: parameters_of(factory(i)))
+    return algorithm, models
+
+
+def params_nbytes(params: Params) -> int:
+    """Bytes of a model's parameters on the wire (raw tensor bytes)."""
+    return sum(t.numel() * t.element_size() for t in params.values())
+
+
+def reply_nbytes(reply: SiteReply) -> int:
+    """Bytes a site sends back: returned models, K losses (float64) and its sample count."""
+    return sum(params_nbytes(p) for p in reply.models.values()) + 8 * (len(reply.losses) + 1)
+
+
+def validate_reply(reply: SiteReply, sent: Mapping[int, Params], num_models: int) -> None:
+    """Raise ValueError unless ``reply`` holds finite losses and well-formed updates of models it was sent."""
+    if num_models and len(reply.losses) != num_models:
+        raise ValueError(f"expected {num_models} losses, got {len(reply.losses)}")
+    if not all(math.isfinite(x) for x in reply.losses):
+        raise ValueError(f"non-finite loss reported: {list(reply.losses)}")
+    if reply.num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {reply.num_samples}")
+    for k, params in reply.models.items():
+        if k not in sent:
+            raise ValueError(f"returned model {k}, which was not sent")
+        ref = sent[k]
+        if set(params) != set(ref):
+            raise ValueError(f"model {k}: parameter names differ from the model sent")
+        for name, t in params.items():
+            if t.shape != ref[name].shape or t.dtype != ref[name].dtype:
+                raise ValueError(f"model {k}: {name!r} is {t.dtype}{tuple(t.shape)}, expected {ref[name].dtype}{tuple(ref[name].shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"model {k}: {name!r} has NaN or Inf values")
+
+
+class ServerRuntime:
+    """The server half: K models, participant sampling, broadcast, aggregation."""
+
+    def __init__(self, config: FederationConfig, algorithm: Algorithm, models: list[Params]) -> None:
+        self.config = config
+        self.algorithm = algorithm
+        self.models = models
+
+    def participants(self, round_idx: int, names: Sequence[str]) -> list[str]:
+        """Sites sampled for ``round_idx`` among ``names`` (all when participation is 1)."""
+        names = sorted(names)
+        m = max(1, round(self.config.run.participation * len(names)))
+        if m >= len(names):
+            return names
+        rng = np.random.default_rng(derive_seed(self.config.run.seed, "participation", round_idx))
+        return sorted(names[i] for i in rng.choice(len(names), size=m, replace=False))
+
+    def round_info(self, round_idx: int, counts: Mapping[str, int]) -> RoundInfo:
+        """The broadcast of ``round_idx``: λ_i (sample share among participants) and the algorithm's extras."""
+        total = sum(counts.values())
+        return RoundInfo(
+            round=round_idx,
+            num_rounds=self.config.run.rounds,
+            participants=tuple(counts),
+            site_weight={s: n / total for s, n in counts.items()},
+            extras=self.algorithm.round_extras(round_idx, self.config.run.rounds),
+        )
+
+    def models_for(self, site: str, info: RoundInfo) -> dict[int, Params]:
+        """Copies of the models ``site`` receives this round."""
+        return {k: {n: t.clone() for n, t in self.models[k].items()} for k in self.algorithm.models_to_send(site, info)}
+
+    def aggregate(self, info: RoundInfo, replies: Mapping[str, SiteReply]) -> ServerStep:
+        """Combine validated replies into the new server models (kept in ``self.models``)."""
+        step = self.algorithm.aggregate(info, self.models, replies)
+        self.models = step.models
+        return step
+
+
+WorkFactory = Callable[..., SiteWork]
+
+
+class SiteRuntime:
+    """The site half: one site's data, persistent state and local compute.
+
+    Parameters
+    ----------
+    config
+        The federation config (training hyper-parameters, seed).
+    data
+        This site's data.
+    algorithm
+        The algorithm (its site half is used).
+    network
+        Scratch network (weights are overwritten on every use); may be shared by sites run one after another.
+    initial_buffers
+        Buffers of the freshly initialised network.
+    state
+        Persistent site state (restored from a checkpoint on resume).
+    work_factory
+        Builds the site's ``LocalWork`` (``SiteWork``, or a DP variant added by composition).
+    """
+
+    def __init__(
+        self,
+        config: FederationConfig,
+        data: SiteData,
+        algorithm: Algorithm,
+        network: nn.Module,
+        initial_buffers: Params,
+        state: SiteState | None = None,
+        work_factory: WorkFactory = SiteWork,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.algorithm = algorithm
+        self.network = network
+        self.initial_buffers = initial_buffers
+        self.state = state or SiteState()
+        self.work_factory = work_factory
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+    def work(self, round_idx: int, state: SiteState | None = None) -> SiteWork:
+        """This site's compute in ``round_idx`` (on its real state unless one is given)."""
+        return self.work_factory(
+            data=self.data,
+            network=self.network,
+            initial_buffers=self.initial_buffers,
+            state=self.state if state is None else state,
+            training=self.config.training,
+            seed=self.config.run.seed,
+            round_idx=round_idx,
+        )
+
+    def step(self, info: RoundInfo, models: Mapping[int, Params]) -> SiteReply:
+        """Run this site's round; its state changes only if the step succeeds and validates."""
+        scratch = self.state.copy()
+        reply = self.algorithm.local_round(self.name, info, models, self.work(info.round, scratch))
+        validate_reply(reply, models, self.algorithm.num_models)
+        self.state = scratch
+        return reply
+
+    def evaluate(self, models: Sequence[Params], round_idx: int) -> dict[str, Any]:
+        """The deployed model's test metrics (and after fine-tuning, if configured); state is untouched."""
+        work = self.work(round_idx, self.state.copy())
+        dep = self.algorithm.deploy(self.name, models, work)
+        entry: dict[str, Any] = {"model": dep.model_index, "scores": list(dep.scores)}
+        entry["metrics"] = score(work, dep.params, dep.slot)
+        ft_epochs = self.config.run.finetune_eval_epochs
+        if ft_epochs:
+            tuned = work.train(dep.params, slot="eval_finetune", from_slot=dep.slot, epochs=ft_epochs)
+            entry["metrics_finetuned"] = score(work, tuned.params, "eval_finetune")
+        return entry
+
+
+def score(work: SiteWork, params: Params, slot: str) -> dict[str, float]:
+    """Test-split metrics of ``params`` for the site's task."""
+    probs, targets = work.predict(params, slot=slot, split="test")
+    if work.data.task in ("classification", "tabular"):
+        return classification_metrics(probs.numpy(), targets.numpy())
+    return segmentation_metrics(probs.argmax(dim=1, keepdim=True), targets, probs.shape[1])
+
+
+def local_runtimes(config: FederationConfig, sites: Sequence[SiteData], algorithm: Algorithm,
+                   work_factory: WorkFactory = SiteWork) -> dict[str, SiteRuntime]:
+    """Site runtimes for sites run one after another in one process (sharing one scratch network)."""
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ValueError(f"site names must be unique, got {names}")
+    facts = ModelFacts.common(sites)
+    network = network_factory(config, facts)(0)
+    buffers = buffers_of(network)
+    return {s.name: SiteRuntime(config, s, algorithm, network, buffers, work_factory=work_factory) for s in sites}

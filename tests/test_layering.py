@@ -26,6 +26,7 @@ LAYER = {
     "dp": 2,
     "audit": 2,
     "checkpoint": 2,
+    "runtime": 2,
     "privacy": 2,
     "simulation": 3,
     "flower": 3,

@@ -117,7 +117,7 @@ class FedFew(Algorithm):
         o = self.options
         if o.sparse == "none":
             return list(range(o.k))
-        w = site_assignment(torch.tensor(received_losses), lam, mu)
+        w = site_assignment(torch.tensor(received_losses, dtype=torch.float64), lam, mu)
         order = sorted(range(o.k), key=lambda k: (-float(w[k]), k))
         if o.sparse == "top_r":
             return sorted(order[: o.sparse_r])
@@ -130,7 +130,7 @@ class FedFew(Algorithm):
         received = (
             [work.loss(models[k], slot=f"server/{k}") for k in range(o.k)] if need_received else [0.0] * o.k
         )
-        selected = self._selected(received, info.site_weight[site], info.extras["mu"])
+        selected = self._selected(received, self.site_lambda(site, info), info.extras["mu"])
         losses = list(received)
         updated: dict[int, Params] = {}
         for k in selected:
@@ -146,13 +146,20 @@ class FedFew(Algorithm):
         )
 
     # ---------------------------------------------------------------- server side
-    def lambdas(self, info: RoundInfo, replies: Mapping[str, SiteReply]) -> torch.Tensor:
-        """λ_i of the replying sites, in ``replies`` order (renormalised over who replied)."""
+    def site_lambda(self, site: str, info: RoundInfo) -> float:
+        """λ_i as fixed by the round's broadcast: n_i/N over the participants, or 1/M.
+
+        The site (sparse selection) and the server (weights) use this same value, and it
+        is not renormalised over the sites that reply: a failed site does not change the
+        temperature the others were trained under, and weights can be formed as replies arrive.
+        """
         if self.options.site_weights == "uniform":
-            lam = torch.ones(len(replies), dtype=torch.float64)
-        else:
-            lam = torch.tensor([float(r.num_samples) for r in replies.values()], dtype=torch.float64)
-        return lam / lam.sum()
+            return 1.0 / len(info.participants)
+        return float(info.site_weight[site])
+
+    def lambdas(self, info: RoundInfo, replies: Mapping[str, SiteReply]) -> torch.Tensor:
+        """λ_i of the replying sites, in ``replies`` order. Shape (M,)."""
+        return torch.tensor([self.site_lambda(s, info) for s in replies], dtype=torch.float64)
 
     def aggregate(self, info: RoundInfo, models: list[Params], replies: Mapping[str, SiteReply]) -> ServerStep:
         if not replies:

@@ -19,7 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfew_med.algorithms import Algorithm, Params, RoundInfo, ServerStep, SiteReply, build_algorithm
+from fedfew_med.algorithms import (
+    Aggregation,
+    Algorithm,
+    Params,
+    RoundInfo,
+    ServerStep,
+    SiteReply,
+    build_algorithm,
+)
 from fedfew_med.config import FederationConfig
 from fedfew_med.data import SiteData
 from fedfew_med.metrics import classification_metrics, segmentation_metrics
@@ -143,11 +151,22 @@ class ServerRuntime:
         """Copies of the models ``site`` receives this round."""
         return {k: {n: t.clone() for n, t in self.models[k].items()} for k in self.algorithm.models_to_send(site, info)}
 
-    def aggregate(self, info: RoundInfo, replies: Mapping[str, SiteReply]) -> ServerStep:
-        """Combine validated replies into the new server models (kept in ``self.models``)."""
-        step = self.algorithm.aggregate(info, self.models, replies)
+    def begin_aggregation(self, info: RoundInfo) -> Aggregation:
+        """Start the round's server step; add validated replies to it as they arrive."""
+        return self.algorithm.begin_aggregation(info, self.models)
+
+    def finish(self, aggregation: Aggregation) -> ServerStep:
+        """Complete the server step and keep the new models."""
+        step = aggregation.result()
         self.models = step.models
         return step
+
+    def aggregate(self, info: RoundInfo, replies: Mapping[str, SiteReply]) -> ServerStep:
+        """All replies at once (same path as streaming, in ``replies`` order)."""
+        aggregation = self.begin_aggregation(info)
+        for site, reply in replies.items():
+            aggregation.add(site, reply)
+        return self.finish(aggregation)
 
 
 WorkFactory = Callable[..., SiteWork]

@@ -239,18 +239,23 @@ def run(
         info = fed.round_info(r, participants)
         if cb.on_round_start:
             cb.on_round_start(r, participants)
-        replies: dict[str, SiteReply] = {}
+        aggregation = fed.server.begin_aggregation(info)  # replies are folded in as they arrive
+        site_losses: dict[str, list[float]] = {}
+        site_info: dict[str, dict[str, Any]] = {}
         traffic: dict[str, dict[str, int]] = {}
         failures: dict[str, str] = {}
         for site in participants:
             try:
-                replies[site], traffic[site] = fed.site_step(site, info)
+                reply, traffic[site] = fed.site_step(site, info)
             except Exception as exc:  # a crashed site must not crash the federation
                 failures[site] = f"{type(exc).__name__}: {exc}"
                 log.warning("round %d: site %s skipped: %s", r, site, failures[site])
+            else:
+                aggregation.add(site, reply)
+                site_losses[site], site_info[site] = list(reply.losses), dict(reply.info)
             if cb.on_site_done:
                 cb.on_site_done(r, site)
-        step = fed.server.aggregate(info, replies)
+        step = fed.server.finish(aggregation)
         last = r == config.run.rounds - 1
         if last or r % config.run.eval_every == 0 or r == end - 1:
             evaluation = fed.evaluate(r)
@@ -259,8 +264,8 @@ def run(
             "participants": participants,
             "failures": failures,
             "server": step.log,
-            "site_losses": {s: list(rep.losses) for s, rep in replies.items()},
-            "site_info": {s: dict(rep.info) for s, rep in replies.items()},
+            "site_losses": site_losses,
+            "site_info": site_info,
             "assignments": {s: e["model"] for s, e in evaluation.items()},
             "metrics": {s: e["metrics"] for s, e in evaluation.items()},
             "summary": summarize({s: e["metrics"][PRIMARY[fed.task]] for s, e in evaluation.items()}),

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedfew_med.algorithms.base import (
+    Aggregation,
     Algorithm,
     Deployment,
     LocalWork,
@@ -43,6 +44,7 @@ def build_algorithm(name: str, params: Mapping[str, Any], *, seed: int = 0, wher
 
 __all__ = [
     "REGISTRY",
+    "Aggregation",
     "Algorithm",
     "Deployment",
     "Ditto",

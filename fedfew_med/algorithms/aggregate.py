@@ -6,6 +6,7 @@ running sum per server model, so its memory grows with K, not with M.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -51,6 +52,39 @@ class DeltaSum:
         if self.weight <= 0:
             return {k: v.clone() for k, v in self.base.items()}
         return self.apply(scale=1.0 / self.weight)
+
+
+class LogWeightedDeltaSum:
+    """Running ``Σ_i exp(log_w_i) · (θ_i − base)`` kept as ``exp(m) · Σ_i exp(log_w_i − m) Δ_i``.
+
+    The running maximum ``m`` of the log weights is rescaled as larger weights arrive
+    (the online-softmax trick), so weights like ``exp(-A/μ)`` with μ = 0.001 neither
+    overflow nor vanish before they are normalised.
+    """
+
+    def __init__(self, base: Params) -> None:
+        self.inner = DeltaSum(base)
+        self.log_max = -math.inf
+
+    @property
+    def count(self) -> int:
+        return self.inner.count
+
+    def add(self, params: Mapping[str, torch.Tensor], log_weight: float) -> None:
+        """Add ``exp(log_weight) · (params − base)``."""
+        if log_weight > self.log_max:
+            if self.inner.count:
+                shrink = math.exp(self.log_max - log_weight)
+                for t in self.inner.total.values():
+                    t.mul_(shrink)
+            self.log_max = log_weight
+        self.inner.add(params, math.exp(log_weight - self.log_max))
+
+    def apply(self, *, log_scale: float = 0.0, scale: float = 1.0) -> Params:
+        """``base + scale · exp(log_scale) · Σ_i exp(log_w_i) Δ_i``; the base if nothing was added."""
+        if not self.inner.count:
+            return {k: v.clone() for k, v in self.inner.base.items()}
+        return self.inner.apply(scale=scale * math.exp(self.log_max + log_scale))
 
 
 def weighted_average(base: Params, updates: list[tuple[Params, float]]) -> Params:

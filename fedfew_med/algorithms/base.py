@@ -118,6 +118,22 @@ class Deployment:
     scores: tuple[float, ...] = ()  # the losses the choice was made on, one per server model
 
 
+class Aggregation(ABC):
+    """A server step under construction: replies are added as they arrive, then combined.
+
+    Implementations keep running sums (O(K) models), never the M replies, so a server's
+    memory grows with the number of models, not the number of sites.
+    """
+
+    @abstractmethod
+    def add(self, site: str, reply: SiteReply) -> None:
+        """Fold one validated reply into the step."""
+
+    @abstractmethod
+    def result(self) -> ServerStep:
+        """The new server models and the step's log."""
+
+
 class Algorithm(ABC):
     """Policy of a federated method; see the module docstring."""
 
@@ -145,8 +161,15 @@ class Algorithm(ABC):
         """Site side of a round: train and report."""
 
     @abstractmethod
+    def begin_aggregation(self, info: RoundInfo, models: list[Params]) -> Aggregation:
+        """Server side of a round: an :class:`Aggregation` that replies are added to as they arrive."""
+
     def aggregate(self, info: RoundInfo, models: list[Params], replies: Mapping[str, SiteReply]) -> ServerStep:
-        """Server side of a round: combine the replies into new server models."""
+        """Combine all ``replies`` at once (the same code path as streaming, in ``replies`` order)."""
+        step = self.begin_aggregation(info, models)
+        for site, reply in replies.items():
+            step.add(site, reply)
+        return step.result()
 
     @abstractmethod
     def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:

@@ -14,17 +14,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fedfew_med.algorithms.base import (
+    Aggregation,
     Algorithm,
     Deployment,
     LocalWork,
     Params,
     Prox,
     RoundInfo,
-    ServerStep,
     SiteReply,
     clone,
 )
-from fedfew_med.algorithms.fedavg import sample_weighted_step
+from fedfew_med.algorithms.fedavg import SampleWeightedMean
 from fedfew_med.config import require
 
 
@@ -67,8 +67,8 @@ class Ditto(Algorithm):
             info={"personal_loss": personal_result.loss},
         )
 
-    def aggregate(self, info: RoundInfo, models: list[Params], replies: Mapping[str, SiteReply]) -> ServerStep:
-        return sample_weighted_step(models, replies, server_lr=1.0)
+    def begin_aggregation(self, info: RoundInfo, models: list[Params]) -> Aggregation:
+        return SampleWeightedMean(models)
 
     def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:
         personal = work.state.get("personal")

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from fedfew_med.algorithms.aggregate import DeltaSum
 from fedfew_med.algorithms.base import (
+    Aggregation,
     Algorithm,
     Deployment,
     LocalWork,
@@ -62,15 +63,29 @@ class FineTuneOptions:
         require(self.server_lr > 0, "server_lr", "be > 0", self.server_lr)
 
 
-def sample_weighted_step(models: list[Params], replies: Mapping[str, SiteReply], *, server_lr: float) -> ServerStep:
-    """θ ← θ + lr · Σ_i (n_i/N) Δ_i for the single global model."""
-    acc = DeltaSum(models[0])
-    total = sum(r.num_samples for r in replies.values() if 0 in r.models)
-    for reply in replies.values():
-        if 0 in reply.models:
-            acc.add(reply.models[0], reply.num_samples / total)
-    new = acc.apply(scale=server_lr) if acc.count else models[0]
-    return ServerStep(models=[new], log={"sites": list(replies), "aggregated": acc.count})
+class SampleWeightedMean(Aggregation):
+    """θ_k ← θ_k + lr · Σ_i (n_i/N_k) Δ_ik for every model k, N_k summed over the sites that returned k.
+
+    Running sums weighted by n_i; the division by N_k happens at the end, so replies can
+    arrive one at a time. A model nobody returned is unchanged.
+    """
+
+    def __init__(self, models: list[Params], *, server_lr: float = 1.0, members_key: str = "members") -> None:
+        self.sums = [DeltaSum(m) for m in models]
+        self.members: dict[int, list[str]] = {k: [] for k in range(len(models))}
+        self.server_lr = server_lr
+        self.members_key = members_key
+        self.sites: list[str] = []
+
+    def add(self, site: str, reply: SiteReply) -> None:
+        for k, params in reply.models.items():
+            self.sums[k].add(params, float(reply.num_samples))
+            self.members[k].append(site)
+        self.sites.append(site)
+
+    def result(self) -> ServerStep:
+        models = [acc.apply(scale=self.server_lr / acc.weight) if acc.count else acc.average() for acc in self.sums]
+        return ServerStep(models=models, log={"sites": self.sites, self.members_key: self.members})
 
 
 class FedAvg(Algorithm):
@@ -94,8 +109,8 @@ class FedAvg(Algorithm):
         result = work.train(models[0], slot="server/0", prox=self.prox(models))
         return SiteReply(num_samples=work.num_samples, losses=(result.loss,), models={0: result.params})
 
-    def aggregate(self, info: RoundInfo, models: list[Params], replies: Mapping[str, SiteReply]) -> ServerStep:
-        return sample_weighted_step(models, replies, server_lr=self.options.server_lr)
+    def begin_aggregation(self, info: RoundInfo, models: list[Params]) -> Aggregation:
+        return SampleWeightedMean(models, server_lr=self.options.server_lr)
 
     def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:
         return Deployment(params=models[0], model_index=0, slot="server/0")

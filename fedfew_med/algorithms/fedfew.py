@@ -30,8 +30,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from fedfew_med.algorithms.aggregate import DeltaSum
+from fedfew_med.algorithms.aggregate import LogWeightedDeltaSum
 from fedfew_med.algorithms.base import (
+    Aggregation,
     Algorithm,
     Deployment,
     LocalWork,
@@ -161,23 +162,55 @@ class FedFew(Algorithm):
         """λ_i of the replying sites, in ``replies`` order. Shape (M,)."""
         return torch.tensor([self.site_lambda(s, info) for s in replies], dtype=torch.float64)
 
-    def aggregate(self, info: RoundInfo, models: list[Params], replies: Mapping[str, SiteReply]) -> ServerStep:
-        if not replies:
-            return ServerStep(models=models, log={"skipped": "no replies"})
-        sites = list(replies)
-        losses = torch.tensor([list(replies[s].losses) for s in sites], dtype=torch.float64)  # (M, K)
-        weights = fedfew_weights(losses, self.lambdas(info, replies), info.extras["mu"])
-        step = weights.step_weights  # (M, K) α_i w_ik
-        new_models = []
-        for k, base in enumerate(models):
-            acc = DeltaSum(base)
-            for i, s in enumerate(sites):
-                if k in replies[s].models:  # a model not returned counts as Δ = 0
-                    acc.add(replies[s].models[k], float(step[i, k]))
-            new_models.append(acc.apply(scale=self.options.server_lr))
+    def begin_aggregation(self, info: RoundInfo, models: list[Params]) -> Aggregation:
+        return FedFewAggregation(self, info, models)
+
+    def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:
+        best, losses = argmin_loss(work, models, split=self.options.selection_split)
+        return Deployment(params=models[best], model_index=best, slot=f"server/{best}", scores=losses)
+
+
+class FedFewAggregation(Aggregation):
+    """FedFew's server step, formed as replies arrive.
+
+    α_i w_ik = exp(z_ik − 2 log S_i) / Z with z_ik = −λ_i L_ik / μ and Z = Σ_j S_j^{-1}:
+    the numerator depends only on site i's own K losses (λ_i is fixed by the broadcast),
+    so each model keeps one log-weighted running sum of deltas and the normaliser Z is
+    applied at the end. Memory: K sums, whatever the number of sites.
+    """
+
+    def __init__(self, algorithm: FedFew, info: RoundInfo, models: list[Params]) -> None:
+        self.algorithm = algorithm
+        self.info = info
+        self.models = models
+        self.mu = float(info.extras["mu"])
+        self.sums = [LogWeightedDeltaSum(base) for base in models]
+        self.sites: list[str] = []
+        self.losses: list[tuple[float, ...]] = []
+
+    def add(self, site: str, reply: SiteReply) -> None:
+        lam = self.algorithm.site_lambda(site, self.info)
+        z = -lam * torch.tensor(reply.losses, dtype=torch.float64) / self.mu  # (K,)
+        log_s = torch.logsumexp(z, dim=0)
+        for k, params in reply.models.items():  # a model not returned counts as Δ = 0
+            self.sums[k].add(params, float(z[k] - 2 * log_s))
+        self.sites.append(site)
+        self.losses.append(tuple(reply.losses))
+
+    def result(self) -> ServerStep:
+        if not self.sites:
+            return ServerStep(models=self.models, log={"skipped": "no replies"})
+        losses = torch.tensor(self.losses, dtype=torch.float64)  # (M, K)
+        lambdas = torch.tensor([self.algorithm.site_lambda(s, self.info) for s in self.sites], dtype=torch.float64)
+        weights = fedfew_weights(losses, lambdas, self.mu)
+        log_s = torch.logsumexp(-lambdas[:, None] * losses / self.mu, dim=1)  # (M,) log S_i
+        log_z = float(torch.logsumexp(-log_s, dim=0))  # log Σ_i S_i^{-1}
+        lr = self.algorithm.options.server_lr
+        new_models = [acc.apply(log_scale=-log_z, scale=lr) for acc in self.sums]
         log: dict[str, Any] = {
-            "sites": sites,
-            "mu": info.extras["mu"],
+            "sites": self.sites,
+            "mu": self.mu,
+            "lambda": lambdas.tolist(),
             "losses": losses.tolist(),
             "alpha": weights.alpha.tolist(),
             "w": weights.w.tolist(),
@@ -185,10 +218,6 @@ class FedFew(Algorithm):
             "alpha_entropy": weights.alpha_entropy,
             "w_entropy": weights.w_entropy.tolist(),
             "objective": weights.objective,
-            "soft_assignment": [int(torch.argmax(weights.w[i])) for i in range(len(sites))],
+            "soft_assignment": [int(torch.argmax(weights.w[i])) for i in range(len(self.sites))],
         }
         return ServerStep(models=new_models, log=log)
-
-    def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:
-        best, losses = argmin_loss(work, models, split=self.options.selection_split)
-        return Deployment(params=models[best], model_index=best, slot=f"server/{best}", scores=losses)

@@ -11,17 +11,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from fedfew_med.algorithms.aggregate import DeltaSum
 from fedfew_med.algorithms.base import (
+    Aggregation,
     Algorithm,
     Deployment,
     LocalWork,
     Params,
     RoundInfo,
-    ServerStep,
     SiteReply,
     argmin_loss,
 )
+from fedfew_med.algorithms.fedavg import SampleWeightedMean
 from fedfew_med.config import require
 
 
@@ -60,17 +60,9 @@ class IFCA(Algorithm):
         result = work.train(models[best], slot=f"server/{best}")
         return SiteReply(num_samples=work.num_samples, losses=losses, models={best: result.params}, info={"cluster": best})
 
-    def aggregate(self, info: RoundInfo, models: list[Params], replies: Mapping[str, SiteReply]) -> ServerStep:
-        new_models = []
-        members: dict[int, list[str]] = {k: [] for k in range(len(models))}
-        for k, base in enumerate(models):
-            acc = DeltaSum(base)
-            for site, reply in replies.items():
-                if k in reply.models:
-                    acc.add(reply.models[k], float(reply.num_samples))
-                    members[k].append(site)
-            new_models.append(acc.average())
-        return ServerStep(models=new_models, log={"sites": list(replies), "clusters": members})
+    def begin_aggregation(self, info: RoundInfo, models: list[Params]) -> Aggregation:
+        # each model becomes the sample-weighted mean of the copies returned for it
+        return SampleWeightedMean(models, members_key="clusters")
 
     def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:
         best, losses = argmin_loss(work, models, split="train")

@@ -11,15 +11,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fedfew_med.algorithms.base import (
+    Aggregation,
     Algorithm,
     Deployment,
     LocalWork,
     Params,
     RoundInfo,
-    ServerStep,
     SiteReply,
     clone,
 )
+from fedfew_med.algorithms.fedavg import SampleWeightedMean
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ class Local(Algorithm):
         work.state["local"] = result.params
         return SiteReply(num_samples=work.num_samples, losses=(), models={}, info={"local_loss": result.loss})
 
-    def aggregate(self, info: RoundInfo, models: list[Params], replies: Mapping[str, SiteReply]) -> ServerStep:
-        return ServerStep(models=models, log={"sites": list(replies)})
+    def begin_aggregation(self, info: RoundInfo, models: list[Params]) -> Aggregation:
+        return SampleWeightedMean(models)  # no server models: records who took part
 
     def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:
         current = work.state.get("local")

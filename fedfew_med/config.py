@@ -305,4 +305,15 @@ def load_federation(path: str | Path, overrides: list[str] | None = None) -> Fed
         ``section.key=value`` strings applied on top of the file (CLI ``--set``).
     """
     raw = apply_overrides(read_toml(path), overrides or [])
-    return federation_from_dict(raw, source=str(path))
+    return federation_from_dict(_absolute_site_files(raw, Path(path).parent), source=str(path))
+
+
+def _absolute_site_files(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Site files listed in ``[data.params].files`` become absolute, so the resolved config
+    (written to the run directory) still finds them from anywhere."""
+    data = raw.get("data")
+    params = data.get("params") if isinstance(data, dict) else None
+    files = params.get("files") if isinstance(params, dict) else None
+    if isinstance(params, dict) and isinstance(files, list) and all(isinstance(f, str) for f in files):
+        params["files"] = [str((base / f).resolve()) if not Path(f).is_absolute() else f for f in files]
+    return raw

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fedfew_med"
 
 LAYER = {
     "config": 0,
+    "site_config": 0,
     "algorithms": 1,
     "data": 1,
     "models": 1,

@@ -1,0 +1,67 @@
+"""Map-style views that turn whole images into patches, one record per index.
+
+Training draws ``patches_per_image`` random patches per image and epoch
+(:class:`RandomPatches`: index ``i`` is a fresh draw from image ``i // p``);
+validation and testing tile every image with fixed, non-overlapping patches
+(:class:`GridPatches`; the last patch on an axis is moved back to end at the
+border), so that evaluation sees every voxel and is the same on every run.
+Every index gives one ``{"image", "label"}`` dict, as the default collate expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.data import dense_patch_slices
+from torch.utils.data import Dataset
+
+Record = dict[str, torch.Tensor]
+
+
+class RandomPatches(Dataset[Record]):
+    """``times`` records per record of ``base``, whose random transforms crop one patch per call."""
+
+    def __init__(self, base: Dataset[Any], times: int) -> None:
+        if times < 1:
+            raise ValueError(f"patches per image must be >= 1, got {times}")
+        self.base = base
+        self.times = times
+
+    def __len__(self) -> int:
+        return len(self.base) * self.times  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Record:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} patches")
+        out = self.base[index // self.times]
+        # MONAI's sampling crops return a list of num_samples (= 1) dicts
+        return out[0] if isinstance(out, list) else out
+
+
+class GridPatches(Dataset[Record]):
+    """Every image of ``base`` tiled by ``patch_size`` patches (images at least that large).
+
+    Segmentation labels are cut like the image; a class label stays with every patch.
+    """
+
+    def __init__(self, base: Dataset[Any], patch_size: Sequence[int], *, segmentation: bool) -> None:
+        self.base = base
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.segmentation = segmentation
+        self.index: list[tuple[int, tuple[slice, ...]]] = []
+        for i in range(len(base)):  # type: ignore[arg-type]
+            spatial = tuple(base[i]["image"].shape[1:])
+            for box in dense_patch_slices(spatial, self.patch_size, self.patch_size):
+                self.index.append((i, tuple(slice(int(s.start), int(s.stop)) for s in box)))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> Record:
+        item_index, box = self.index[index]
+        item = self.base[item_index]
+        where = (slice(None), *box)
+        label = item["label"][where] if self.segmentation else item["label"]
+        return {"image": item["image"][where], "label": label}

@@ -6,13 +6,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= site_configs/demo_federation.toml
 
-.PHONY: venv demo test test-slow lint typecheck check clean
+.PHONY: venv demo test test-slow lint typecheck check clean notebooks notebook-runs
 
 venv: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $$(sed -n 's/^# no-deps: //p' requirements.lock)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -35,3 +36,20 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# Clinician notebooks on the demo run and its FedAvg / local-only baselines (outputs in runs/notebooks/).
+NOTEBOOKS     := 01_evaluate_my_site 02_compare_sites
+NOTEBOOK_RUNS := runs/demo/summary.json runs/fedavg/summary.json runs/local/summary.json
+
+runs/demo/summary.json: | $(STAMP)
+	$(BIN)/fedfew-med simulate $(DEMO_CONFIG) --output runs/demo --overwrite
+runs/fedavg/summary.json: | $(STAMP)
+	$(BIN)/fedfew-med simulate $(DEMO_CONFIG) --output runs/fedavg --overwrite --set algorithm.name=fedavg --set 'algorithm.params={}'
+runs/local/summary.json: | $(STAMP)
+	$(BIN)/fedfew-med simulate $(DEMO_CONFIG) --output runs/local --overwrite --set algorithm.name=local --set 'algorithm.params={}'
+
+notebook-runs: $(NOTEBOOK_RUNS)
+
+notebooks: notebook-runs
+	mkdir -p runs/notebooks
+	cd notebooks && for nb in $(NOTEBOOKS); do ../$(BIN)/jupyter-execute $$nb.ipynb --output=../runs/notebooks/$$nb || exit 1; done

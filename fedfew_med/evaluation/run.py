@@ -1,0 +1,263 @@
+"""A finished (or interrupted) run loaded back from its run directory, and site reports on it.
+
+Nothing about the data is stored in a run directory: :func:`load_run` rebuilds the
+sites from the resolved ``config.json`` (``fedfew_med.data.build_sites``), takes the
+server models and site states of the latest checkpoint, and deploys and scores
+exactly as the simulation's evaluation does (``SiteRuntime.work`` at the
+checkpoint's round, ``Algorithm.deploy``, the test split, ``fedfew_med.metrics``).
+The point estimates of a :class:`SiteReport` therefore equal the run's
+``summary.json``; the bootstrap intervals are added on top.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedfew_med import checkpoint
+from fedfew_med.algorithms import Algorithm, Params
+from fedfew_med.config import FederationConfig, federation_from_dict
+from fedfew_med.data import SiteData, build_sites
+from fedfew_med.evaluation.report import Deployed, SiteReport, explain
+from fedfew_med.evaluation.stats import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    bootstrap,
+    classification_statistic,
+    mean_statistic,
+    per_case_segmentation,
+)
+from fedfew_med.evaluation.table import Table
+from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_metrics
+from fedfew_med.runtime import ModelFacts, SiteRuntime, local_runtimes, make_algorithm
+from fedfew_med.training import SiteState
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of ``metrics.jsonl``, stopping at a torn last line (a run killed mid-write)."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+class Run:
+    """A run directory loaded for evaluation; build it with :func:`load_run`.
+
+    Attributes
+    ----------
+    run_dir
+        The directory.
+    config
+        The resolved federation config of the run.
+    records
+        Per-round records from ``metrics.jsonl`` (up to the checkpoint's round).
+    summary
+        ``summary.json`` (empty if the run never wrote one).
+    round
+        The last completed round (of the latest checkpoint).
+    server_models
+        The K server models of that checkpoint.
+    site_states
+        Every site's persistent state (personal/local models, norm buffers) of that checkpoint.
+    site_data
+        The sites' data, rebuilt from the config.
+    algorithm
+        The run's algorithm object (its ``deploy`` picks each site's model).
+    """
+
+    def __init__(self, run_dir: Path, config: FederationConfig, records: list[dict[str, Any]], summary: dict[str, Any],
+                 ckpt: checkpoint.Checkpoint, sites: list[SiteData]) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.records = records
+        self.summary = summary
+        self.round = ckpt.round
+        self.server_models: list[Params] = ckpt.server_models
+        self.site_states: dict[str, SiteState] = ckpt.sites
+        self.site_data: dict[str, SiteData] = {s.name: s for s in sites}
+        self.algorithm: Algorithm
+        self.algorithm, _ = make_algorithm(config, ModelFacts.common(sites))
+        self._runtimes: dict[str, SiteRuntime] = local_runtimes(config, sites, self.algorithm)
+        for name, rt in self._runtimes.items():
+            rt.state = self.site_states.get(name, SiteState())
+        self._reports: dict[tuple[str, int, float, int], SiteReport] = {}
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.run_dir)!r}, {self.label}, {len(self.sites)} sites, round {self.round})"
+
+    @property
+    def sites(self) -> list[str]:
+        """Site names, sorted."""
+        return sorted(self.site_data)
+
+    @property
+    def method(self) -> str:
+        """The algorithm's config name (``fedfew``, ``fedavg``, ``local``...)."""
+        return self.config.algorithm.name
+
+    @property
+    def num_models(self) -> int:
+        """K, the number of server models (0 for Local)."""
+        return self.algorithm.num_models
+
+    @property
+    def label(self) -> str:
+        """``method (K=k)``, or the method alone when it has at most one server model."""
+        return f"{self.method} (K={self.num_models})" if self.num_models > 1 else self.method
+
+    @property
+    def task(self) -> str:
+        return next(iter(self.site_data.values())).task
+
+    @property
+    def metric(self) -> str:
+        """The headline metric of the task (``accuracy``, ``dice``)."""
+        return PRIMARY[self.task]
+
+    def final_metrics(self) -> dict[str, dict[str, float]]:
+        """Every site's deployed-model test metrics as the run recorded them (no recomputation)."""
+        if self.summary.get("per_site"):
+            return {s: dict(v["metrics"]) for s, v in self.summary["per_site"].items()}
+        for rec in reversed(self.records):
+            if rec.get("metrics"):
+                return {s: dict(m) for s, m in rec["metrics"].items()}
+        return {}
+
+    def site_report(self, site: str, *, n_resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
+                    seed: int = DEFAULT_SEED) -> SiteReport:
+        """Deploy ``site``'s model as the run does and score it on the site's test split.
+
+        Parameters
+        ----------
+        site
+            Site name (see :attr:`sites`).
+        n_resamples, level, seed
+            Percentile bootstrap over test cases (see :mod:`fedfew_med.evaluation.stats`).
+
+        Returns
+        -------
+        SiteReport
+            Reports are kept on the run object, so asking twice costs nothing.
+        """
+        if site not in self._runtimes:
+            raise KeyError(f"{self.run_dir}: no site {site!r}; the sites are {', '.join(self.sites)}")
+        key = (site, n_resamples, level, seed)
+        if key not in self._reports:
+            self._reports[key] = self._report(site, n_resamples=n_resamples, level=level, seed=seed)
+        return self._reports[key]
+
+    def _report(self, site: str, *, n_resamples: int, level: float, seed: int) -> SiteReport:
+        rt = self._runtimes[site]
+        work = rt.work(self.round, rt.state.copy())  # as SiteRuntime.evaluate: the real state stays untouched
+        dep = self.algorithm.deploy(site, self.server_models, work)
+        split = getattr(getattr(self.algorithm, "options", None), "selection_split", "train") if dep.scores else None
+        deployed = Deployed(
+            model_index=dep.model_index, slot=dep.slot, scores=tuple(float(s) for s in dep.scores), selection_split=split,
+            reason=explain(method=self.label, num_models=self.num_models, model_index=dep.model_index, slot=dep.slot,
+                           scores=tuple(dep.scores), selection_split=split),
+        )
+        probs_t, targets_t = work.predict(dep.params, slot=dep.slot, split="test")
+        probs = probs_t.numpy()
+        data = self.site_data[site]
+        if data.task in ("classification", "tabular"):
+            targets = targets_t.numpy()
+            point = classification_metrics(probs, targets)
+            statistic = classification_statistic(probs, targets)
+            per_case = {"correct": (probs.argmax(axis=1) == targets).astype(np.float64), "confidence": probs.max(axis=1)}
+        else:
+            pred = probs_t.argmax(dim=1, keepdim=True)
+            with warnings.catch_warnings():  # MONAI's own call of a deprecated argument, not ours
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+                point = segmentation_metrics(pred, targets_t, probs.shape[1])
+                per_case = per_case_segmentation(pred, targets_t, probs.shape[1])
+            statistic = mean_statistic(per_case)
+            targets = targets_t[:, 0].numpy()
+        metrics = bootstrap(statistic, point, len(probs), n_resamples=n_resamples, level=level, seed=seed)
+        images = None
+        if data.spatial_dims == 2:  # the unshuffled loader gives the order predict used
+            images = torch.cat([b["image"] for b in data.loader("test", batch_size=256)]).numpy()
+        return SiteReport(site=site, method=self.label, task=data.task, deployed=deployed, probs=probs, targets=targets,
+                          images=images, metrics=metrics, per_case=per_case, primary=self.metric,
+                          metadata=dict(data.metadata))
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Load a run directory written by ``fedfew-med simulate`` (or ``fedfew_med.simulation.run``).
+
+    Raises
+    ------
+    FileNotFoundError
+        When the directory, its ``config.json`` or a completed checkpoint is missing.
+    ValueError
+        When the checkpoint was made with a different config than ``config.json``.
+    """
+    path = Path(run_dir)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: not a run directory (no config.json); make one with `fedfew-med simulate CONFIG -o {path}`")
+    config = federation_from_dict(json.loads(config_path.read_text(encoding="utf-8")), source=str(config_path))
+    ckpt = checkpoint.load(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path}: no completed round to evaluate (checkpoints/LATEST is missing)")
+    if ckpt.state.get("config_digest") != config.digest():
+        raise ValueError(f"{path}: the latest checkpoint was made with a different config than {config_path.name}")
+    records = [r for r in read_records(path / "metrics.jsonl") if r.get("round", -1) <= ckpt.round]
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    return Run(path, config, records, summary, ckpt, build_sites(config.data, source=str(config_path)))
+
+
+def load_runs(run_dirs: Mapping[str, str | Path], *, skip_missing: bool = True) -> dict[str, Run]:
+    """Load several runs by label; directories without ``config.json`` are skipped when ``skip_missing``."""
+    return {label: load_run(d) for label, d in run_dirs.items()
+            if not skip_missing or (Path(d) / "config.json").is_file()}
+
+
+def site_reports(runs: Mapping[str, Run], site: str, *, n_resamples: int = DEFAULT_RESAMPLES,
+                 level: float = DEFAULT_LEVEL, seed: int = DEFAULT_SEED) -> dict[str, SiteReport]:
+    """``site``'s report in every run, by label, with the same bootstrap settings (same resampled cases)."""
+    return {label: r.site_report(site, n_resamples=n_resamples, level=level, seed=seed) for label, r in runs.items()}
+
+
+def compare(runs: Mapping[str, Run], site: str, *, metrics: list[str] | None = None,
+            n_resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, seed: int = DEFAULT_SEED) -> Table:
+    """One row per run: the model ``site`` deploys and its test metrics with CIs.
+
+    Parameters
+    ----------
+    runs
+        Runs by label (e.g. ``{"FedFew": run, "FedAvg": fedavg, "Local only": local}``); all must use the
+        same data config, so that every row scores the same test cases.
+    site
+        Site name, present in every run.
+    metrics
+        Metrics to show (default: all the task has).
+    n_resamples, level, seed
+        Bootstrap settings, identical for every row (the same resampled cases for every method).
+    """
+    if not runs:
+        raise ValueError("compare needs at least one run")
+    first = next(iter(runs.values()))
+    for label, r in runs.items():
+        if r.config.data != first.config.data:
+            raise ValueError(f"run {label!r} ({r.run_dir}) uses different data than {first.run_dir}; its test cases differ")
+    reports = site_reports(runs, site, n_resamples=n_resamples, level=level, seed=seed)
+    names = metrics or list(next(iter(reports.values())).metrics)
+    rows = []
+    for label, rep in reports.items():
+        model = "own" if rep.deployed.model_index is None else str(rep.deployed.model_index)
+        rows.append([label, rep.method, model, *[rep.metrics[m] for m in names]])
+    return Table(["run", "method", "deployed model", *names], rows, title=f"{site}: deployed model on its test split",
+                 notes=(f"{round(level * 100)}% percentile-bootstrap intervals, {n_resamples} resamples of the test cases (seed {seed}).",))

@@ -1,0 +1,75 @@
+"""Differential privacy for fedfew-med: Opacus DP-SGD, one ledger per site for the whole run.
+
+The only package that imports ``opacus``. Pieces (each a module):
+
+- :mod:`~fedfew_med.dp.options` — ``PrivacyOptions``, a site's validated ``[privacy]`` table;
+- :mod:`~fedfew_med.dp.ledger` — ``PrivacyLedger``: every mechanism applied to a site's data,
+  ε by an Opacus accountant over the whole history, JSON state with a digest, budget checks;
+- :mod:`~fedfew_med.dp.calibrate` — noise for the whole planned run (``calibrate``), the round
+  plan read off the algorithm (``probe_round``);
+- :mod:`~fedfew_med.dp.engine` — ``dp_train`` (DP-SGD with Poisson sampling, hooks or ghost
+  clipping, physical batches, empty batches, proximal terms) and ``DPSiteWork``;
+- :mod:`~fedfew_med.dp.loss_channel` — private loss reports;
+- :mod:`~fedfew_med.dp.networks` — ``make_dp_ready`` and the table of DP-trainable networks;
+- :mod:`~fedfew_med.dp.server` — ``ServerDP``, site-level DP at the server by composition;
+- :mod:`~fedfew_med.dp.report` — the per-round JSON report;
+- :mod:`~fedfew_med.dp.site` — ``SitePrivacy``, the one object per site the round loop holds.
+"""
+
+from fedfew_med.dp.calibrate import (
+    Calibration,
+    CalibrationError,
+    RoundUsage,
+    calibrate,
+    calibrate_site,
+    poisson_plan,
+    probe_round,
+)
+from fedfew_med.dp.engine import DPSiteWork, DPTrainStats, dp_train, resolve_grad_sample_mode
+from fedfew_med.dp.ledger import (
+    LedgerStateError,
+    Mechanism,
+    PrivacyBudgetExhausted,
+    PrivacyLedger,
+    RdpCurves,
+    epsilon_of,
+)
+from fedfew_med.dp.loss_channel import PerSampleLoss, loss_mechanism, per_sample_losses, private_losses
+from fedfew_med.dp.networks import NotDPReadyError, check_dp_ready, dp_problems, make_dp_ready
+from fedfew_med.dp.options import PrivacyOptions
+from fedfew_med.dp.report import site_report
+from fedfew_med.dp.server import ServerDP, clip_update
+from fedfew_med.dp.site import SitePrivacy
+
+__all__ = [
+    "Calibration",
+    "CalibrationError",
+    "DPSiteWork",
+    "DPTrainStats",
+    "LedgerStateError",
+    "Mechanism",
+    "NotDPReadyError",
+    "PerSampleLoss",
+    "PrivacyBudgetExhausted",
+    "PrivacyLedger",
+    "PrivacyOptions",
+    "RdpCurves",
+    "RoundUsage",
+    "ServerDP",
+    "SitePrivacy",
+    "calibrate",
+    "calibrate_site",
+    "check_dp_ready",
+    "clip_update",
+    "dp_problems",
+    "dp_train",
+    "epsilon_of",
+    "loss_mechanism",
+    "make_dp_ready",
+    "per_sample_losses",
+    "poisson_plan",
+    "private_losses",
+    "probe_round",
+    "resolve_grad_sample_mode",
+    "site_report",
+]

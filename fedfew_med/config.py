@@ -200,6 +200,10 @@ class FederationConfig:
     model: NamedConfig
     data: NamedConfig
     source: str = "<memory>"  # the file it came from, for error messages
+    # [privacy] (sample-level DP at every site) and [server_privacy] (DP of the aggregate):
+    # plain tables here, validated by fedfew_med.dp; empty = off
+    privacy: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    server_privacy: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able form (the resolved config written to the run directory)."""
@@ -215,6 +219,9 @@ class FederationConfig:
 
         out = plain(self)
         out.pop("source")
+        for optional in _OPTIONAL_TABLES:  # absent when empty: configs without them keep their digest
+            if not out[optional]:
+                out.pop(optional)
         return out
 
     def digest(self) -> str:
@@ -230,17 +237,21 @@ _SECTIONS: dict[str, Any] = {
     "model": NamedConfig,
     "data": NamedConfig,
 }
+_OPTIONAL_TABLES = ("privacy", "server_privacy")  # free-form tables validated by the layer that owns them
 
 
 def federation_from_dict(data: Mapping[str, Any], *, source: str = "<memory>") -> FederationConfig:
     """Validate a raw mapping (as parsed from TOML) into a :class:`FederationConfig`."""
-    unknown = sorted(set(data) - set(_SECTIONS))
+    unknown = sorted(set(data) - set(_SECTIONS) - set(_OPTIONAL_TABLES))
     if unknown:
         raise ConfigError(
             f"{source}: unknown section [{unknown[0]}]; allowed sections are "
-            + ", ".join(f"[{s}]" for s in _SECTIONS)
+            + ", ".join(f"[{s}]" for s in [*_SECTIONS, *_OPTIONAL_TABLES])
         )
     built: dict[str, Any] = {}
+    for name in _OPTIONAL_TABLES:
+        if name in data:
+            built[name] = _check_type(data[name], Mapping[str, Any], where=f"{source}: [{name}]")
     for name, cls in _SECTIONS.items():
         if name not in data:
             if name in ("algorithm", "model", "data"):

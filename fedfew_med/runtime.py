@@ -61,11 +61,18 @@ class ModelFacts:
         return facts[0]
 
 
-def network_factory(config: FederationConfig, facts: ModelFacts) -> Callable[[int], nn.Module]:
-    """``factory(i)`` builds the configured network with the i-th seeded initialisation."""
+NetworkPreparer = Callable[[nn.Module], nn.Module]
+
+
+def network_factory(config: FederationConfig, facts: ModelFacts, prepare: NetworkPreparer | None = None) -> Callable[[int], nn.Module]:
+    """``factory(i)`` builds the configured network with the i-th seeded initialisation.
+
+    ``prepare`` transforms every network built (e.g. ``fedfew_med.dp.make_dp_ready`` for a DP
+    federation), so that the server models, every site's scratch network and a reloaded run agree.
+    """
 
     def build(i: int) -> nn.Module:
-        return build_model(
+        net = build_model(
             config.model.name,
             config.model.params,
             task=facts.task,
@@ -75,15 +82,17 @@ def network_factory(config: FederationConfig, facts: ModelFacts) -> Callable[[in
             image_size=facts.image_size,
             seed=derive_seed(config.run.seed, "init", i),
         )
+        return net if prepare is None else prepare(net)
 
     return build
 
 
-def make_algorithm(config: FederationConfig, facts: ModelFacts) -> tuple[Algorithm, list[Params]]:
+def make_algorithm(config: FederationConfig, facts: ModelFacts,
+                   prepare: NetworkPreparer | None = None) -> tuple[Algorithm, list[Params]]:
     """The configured algorithm and its initial server models (deterministic in the run seed)."""
     algorithm = build_algorithm(config.algorithm.name, config.algorithm.params, seed=config.run.seed,
                                 where=f"{config.source}: [algorithm]")
-    factory = network_factory(config, facts)
+    factory = network_factory(config, facts, prepare)
     models = algorithm.init_models(lambda i: parameters_of(factory(i)))
     return algorithm, models
 
@@ -190,7 +199,10 @@ class SiteRuntime:
     state
         Persistent site state (restored from a checkpoint on resume).
     work_factory
-        Builds the site's ``LocalWork`` (``SiteWork``, or a DP variant added by composition).
+        Builds the site's ``LocalWork`` for its round (``SiteWork``, or a DP variant added by composition).
+    eval_work_factory
+        Builds the ``LocalWork`` of evaluation (deployment choice and test metrics stay at the site;
+        default ``SiteWork``, so that evaluating never spends a DP site's privacy budget).
     """
 
     def __init__(
@@ -202,6 +214,7 @@ class SiteRuntime:
         initial_buffers: Params,
         state: SiteState | None = None,
         work_factory: WorkFactory = SiteWork,
+        eval_work_factory: WorkFactory = SiteWork,
     ) -> None:
         self.config = config
         self.data = data
@@ -210,14 +223,15 @@ class SiteRuntime:
         self.initial_buffers = initial_buffers
         self.state = state or SiteState()
         self.work_factory = work_factory
+        self.eval_work_factory = eval_work_factory
 
     @property
     def name(self) -> str:
         return self.data.name
 
-    def work(self, round_idx: int, state: SiteState | None = None) -> SiteWork:
-        """This site's compute in ``round_idx`` (on its real state unless one is given)."""
-        return self.work_factory(
+    def work(self, round_idx: int, state: SiteState | None = None, *, factory: WorkFactory | None = None) -> SiteWork:
+        """This site's compute in ``round_idx`` (on its real state unless one is given; ``work_factory`` unless one is given)."""
+        return (factory or self.work_factory)(
             data=self.data,
             network=self.network,
             initial_buffers=self.initial_buffers,
@@ -237,7 +251,7 @@ class SiteRuntime:
 
     def evaluate(self, models: Sequence[Params], round_idx: int) -> dict[str, Any]:
         """The deployed model's test metrics (and after fine-tuning, if configured); state is untouched."""
-        work = self.work(round_idx, self.state.copy())
+        work = self.work(round_idx, self.state.copy(), factory=self.eval_work_factory)
         dep = self.algorithm.deploy(self.name, models, work)
         entry: dict[str, Any] = {"model": dep.model_index, "scores": list(dep.scores)}
         entry["metrics"] = score(work, dep.params, dep.slot)
@@ -257,12 +271,12 @@ def score(work: SiteWork, params: Params, slot: str) -> dict[str, float]:
 
 
 def local_runtimes(config: FederationConfig, sites: Sequence[SiteData], algorithm: Algorithm,
-                   work_factory: WorkFactory = SiteWork) -> dict[str, SiteRuntime]:
+                   work_factory: WorkFactory = SiteWork, prepare: NetworkPreparer | None = None) -> dict[str, SiteRuntime]:
     """Site runtimes for sites run one after another in one process (sharing one scratch network)."""
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ValueError(f"site names must be unique, got {names}")
     facts = ModelFacts.common(sites)
-    network = network_factory(config, facts)(0)
+    network = network_factory(config, facts, prepare)(0)
     buffers = buffers_of(network)
     return {s.name: SiteRuntime(config, s, algorithm, network, buffers, work_factory=work_factory) for s in sites}

@@ -14,6 +14,15 @@ and returns a :class:`SimulationResult`. Every round it
 ``resume=True`` continues from the last completed round; the result is identical
 to the bit to an uninterrupted run because every random stream is derived from
 (seed, round, site, slot) rather than carried along.
+
+Differential privacy is added by composition (:mod:`fedfew_med.dp.federation`): a site with
+``[privacy]`` options trains through ``DPSiteWork`` on a DP-ready network, with one ledger for
+the whole run that is saved in every checkpoint and restored on resume (a killed and resumed
+run spends exactly what an uninterrupted one spends). Before each round a site whose next
+round would exceed its budget stops training (logged, and listed in the record's
+``privacy_stopped``); it keeps receiving and evaluating models. Every record and the summary
+carry a ``privacy`` entry per DP site (ε spent, δ, noise multiplier, clip norm, sample rate,
+steps, accountant, mechanisms), and ``server_privacy`` under ``[server_privacy]``.
 """
 
 from __future__ import annotations
@@ -33,8 +42,13 @@ from safetensors.torch import save_file
 
 from fedfew_med import checkpoint
 from fedfew_med.algorithms import Params, RoundInfo, SiteReply
+from fedfew_med.algorithms.base import ServerStep
 from fedfew_med.config import FederationConfig
 from fedfew_med.data import SiteData, build_sites
+from fedfew_med.dp import federation as dp_federation
+from fedfew_med.dp.ledger import LedgerStateError
+from fedfew_med.dp.server import ServerDP
+from fedfew_med.dp.site import SitePrivacy
 from fedfew_med.metrics import PRIMARY, summarize
 from fedfew_med.runtime import (
     ModelFacts,
@@ -79,14 +93,72 @@ __all__ = ["Callbacks", "Federation", "RunDirError", "SimulationResult", "run", 
 
 
 class Federation:
-    """One server and many sites in this process (no file I/O)."""
+    """One server and many sites in this process (no file I/O).
+
+    Sites with privacy options (see :mod:`fedfew_med.dp.federation`) get a DP-ready network,
+    a calibrated plan and a ledger (:attr:`privacy`), and train through ``DPSiteWork``;
+    ``[server_privacy]`` wraps the algorithm in ``ServerDP``.
+    """
 
     def __init__(self, config: FederationConfig, sites: Sequence[SiteData], work_factory: WorkFactory = SiteWork) -> None:
         self.config = config
-        self.task = ModelFacts.common(sites).task
-        algorithm, models = make_algorithm(config, ModelFacts.common(sites))
+        facts = ModelFacts.common(sites)
+        self.task = facts.task
+        prepare = dp_federation.network_preparer(config, sites)
+        algorithm, models = make_algorithm(config, facts, prepare)
+        algorithm = dp_federation.with_server_dp(algorithm, config)
         self.server = ServerRuntime(config, algorithm, models)
-        self.sites = local_runtimes(config, sites, algorithm, work_factory)
+        self.sites = local_runtimes(config, sites, algorithm, work_factory, prepare)
+        first = next(iter(self.sites.values()))
+        self.privacy: dict[str, SitePrivacy] = dp_federation.plan_sites(
+            config, sites, algorithm=algorithm, models=models, network=first.network,
+            participants=self.participants, round_info=self.round_info,
+        )
+        for name, site_privacy in self.privacy.items():
+            self.sites[name].work_factory = site_privacy.work_factory  # DP by composition: the site's round trains privately
+
+    @property
+    def server_dp(self) -> ServerDP | None:
+        """The ServerDP wrapper of the algorithm, if server-side DP is on."""
+        alg = self.server.algorithm
+        return alg if isinstance(alg, ServerDP) else None
+
+    def trainers(self, round_idx: int, participants: Sequence[str]) -> tuple[list[str], list[str]]:
+        """``participants`` split into the sites that train this round and those out of privacy budget."""
+        trainers, stopped = [], []
+        for site in participants:
+            p = self.privacy.get(site)
+            if p is not None and p.stopped:  # stopped for good: its ledger and plan no longer change
+                stopped.append(site)
+                continue
+            if p is None or p.can_train(round_idx):
+                trainers.append(site)
+                continue
+            stopped.append(site)
+            after = p.ledger.epsilon_after(p.round_mechanisms(round_idx))
+            log.warning("round %d: site %s stops training: its next round would take ε from %.4f to %.4f, past its "
+                        "budget ε = %g (δ = %g); it keeps receiving and evaluating models",
+                        round_idx, site, p.ledger.epsilon(), after, p.options.epsilon, p.options.delta)
+        return trainers, stopped
+
+    def privacy_records(self, round_idx: int) -> dict[str, dict[str, Any]]:
+        """Every DP site's privacy report after ``round_idx`` (JSON-able)."""
+        return {name: p.report(round_idx) for name, p in sorted(self.privacy.items())}
+
+    def server_privacy_record(self) -> dict[str, Any] | None:
+        """The server ledger's report under ServerDP, else None."""
+        sdp = self.server_dp
+        if sdp is None:
+            return None
+        return dp_federation.server_report(sdp)
+
+    def privacy_state(self) -> dict[str, Any]:
+        """JSON-able ledgers of the run, for the checkpoint."""
+        return dp_federation.privacy_state(self.privacy, self.server.algorithm)
+
+    def load_privacy_state(self, state: dict[str, Any] | None, *, where: str) -> None:
+        """Restore the ledgers saved by :meth:`privacy_state` (spent ε is never reset)."""
+        dp_federation.load_privacy_state(state, self.privacy, self.server.algorithm, where=where)
 
     @property
     def models(self) -> list[Params]:
@@ -188,6 +260,11 @@ def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation
     return out
 
 
+def _no_update(fed: Federation) -> ServerStep:
+    """The server step of a round in which no site could train: the models stay as they are."""
+    return ServerStep(models=fed.models, log={"skipped": "no participant could train (privacy budgets spent)"})
+
+
 def run(
     config: FederationConfig,
     *,
@@ -227,6 +304,10 @@ def run(
         fed.server.models = ckpt.server_models
         for name, site_runtime in fed.sites.items():
             site_runtime.state = ckpt.sites.get(name, SiteState())
+        try:  # spent privacy budget comes back with the checkpoint; a restart never resets it
+            fed.load_privacy_state(ckpt.state.get("privacy"), where=f"{run_dir}: round {ckpt.round}")
+        except LedgerStateError as exc:
+            raise RunDirError(str(exc)) from None
         start = ckpt.round + 1
         history = _truncate_metrics(run_dir / "metrics.jsonl", ckpt.round)
         log.info("resuming %s after round %d", run_dir, ckpt.round)
@@ -236,7 +317,8 @@ def run(
     for r in range(start, end):
         t0 = time.perf_counter()
         participants = fed.participants(r)
-        info = fed.round_info(r, participants)
+        trainers, privacy_stopped = fed.trainers(r, participants)  # a site out of privacy budget does not train
+        info = fed.round_info(r, trainers or participants)
         if cb.on_round_start:
             cb.on_round_start(r, participants)
         aggregation = fed.server.begin_aggregation(info)  # replies are folded in as they arrive
@@ -244,7 +326,7 @@ def run(
         site_info: dict[str, dict[str, Any]] = {}
         traffic: dict[str, dict[str, int]] = {}
         failures: dict[str, str] = {}
-        for site in participants:
+        for site in trainers:
             try:
                 reply, traffic[site] = fed.site_step(site, info)
             except Exception as exc:  # a crashed site must not crash the federation
@@ -255,7 +337,7 @@ def run(
                 site_losses[site], site_info[site] = list(reply.losses), dict(reply.info)
             if cb.on_site_done:
                 cb.on_site_done(r, site)
-        step = fed.server.finish(aggregation)
+        step = fed.server.finish(aggregation) if trainers else _no_update(fed)
         last = r == config.run.rounds - 1
         if last or r % config.run.eval_every == 0 or r == end - 1:
             evaluation = fed.evaluate(r)
@@ -272,9 +354,18 @@ def run(
             "bytes": traffic,
             "seconds": round(time.perf_counter() - t0, 4),
         }
+        if fed.privacy:
+            record["privacy"] = fed.privacy_records(r)
+            record["privacy_stopped"] = privacy_stopped
+        server_privacy = fed.server_privacy_record()
+        if server_privacy is not None:
+            record["server_privacy"] = server_privacy
         _append_jsonl(run_dir / "metrics.jsonl", record)  # before the checkpoint: a completed round always has its record
         site_states = {name: rt.state for name, rt in fed.sites.items()}
-        checkpoint.save(run_dir, r, server_models=fed.models, sites=site_states, state={"config_digest": config.digest()})
+        run_state: dict[str, Any] = {"config_digest": config.digest()}
+        if fed.privacy or fed.server_dp is not None:
+            run_state["privacy"] = fed.privacy_state()  # every site's ledger, with every checkpoint
+        checkpoint.save(run_dir, r, server_models=fed.models, sites=site_states, state=run_state)
         records.append(record)
         if cb.on_round_end:
             cb.on_round_end(record)
@@ -283,6 +374,11 @@ def run(
         evaluation = fed.evaluate(max(completed - 1, 0))
     summary = summarize_run(fed, history + records, evaluation)
     summary["finished"] = completed >= config.run.rounds
+    if fed.privacy:
+        summary["privacy"] = fed.privacy_records(max(completed - 1, 0))
+    server_privacy = fed.server_privacy_record()
+    if server_privacy is not None:
+        summary["server_privacy"] = server_privacy
     if fed.models:
         save_file({f"{k}/{n}": t.contiguous() for k, m in enumerate(fed.models) for n, t in m.items()}, str(run_dir / ".models.tmp"))
         os.replace(run_dir / ".models.tmp", run_dir / "models.safetensors")

@@ -116,6 +116,7 @@ def build_site(cfg: SiteConfig, inspection: Inspection) -> SiteData:
         "class_balance": summary["class_balance"],
         **{k: summary[k] for k in ("shape", "spacing", "voxel_share") if k in summary},
         **extra,
+        **({"privacy": dict(cfg.privacy)} if cfg.privacy else {}),  # the site's own [privacy] table (fedfew_med.dp reads it)
     }
     logger.info("site %s: %s records %s", cfg.site.name, cfg.source.kind, summary["splits"])
     return SiteData(

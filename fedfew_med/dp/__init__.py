@@ -13,7 +13,11 @@ The only package that imports ``opacus``. Pieces (each a module):
 - :mod:`~fedfew_med.dp.networks` — ``make_dp_ready`` and the table of DP-trainable networks;
 - :mod:`~fedfew_med.dp.server` — ``ServerDP``, site-level DP at the server by composition;
 - :mod:`~fedfew_med.dp.report` — the per-round JSON report;
-- :mod:`~fedfew_med.dp.site` — ``SitePrivacy``, the one object per site the round loop holds.
+- :mod:`~fedfew_med.dp.site` — ``SitePrivacy``, the one object per site the round loop holds;
+- :mod:`~fedfew_med.dp.federation` — which sites train privately (``[privacy]`` of the federation,
+  ``[privacy.sites.<name>]``, a site file's ``[privacy]``), their plans, ``[server_privacy]``, the
+  ledgers' checkpoint state;
+- :mod:`~fedfew_med.dp.timing` — ``benchmark_epoch_times``: DP epoch time over non-DP epoch time.
 """
 
 from fedfew_med.dp.calibrate import (
@@ -26,6 +30,15 @@ from fedfew_med.dp.calibrate import (
     probe_round,
 )
 from fedfew_med.dp.engine import DPSiteWork, DPTrainStats, dp_train, resolve_grad_sample_mode
+from fedfew_med.dp.federation import (
+    ServerPrivacyOptions,
+    network_preparer,
+    plan_sites,
+    private_sites,
+    server_privacy_options,
+    site_privacy_options,
+    with_server_dp,
+)
 from fedfew_med.dp.ledger import (
     LedgerStateError,
     Mechanism,
@@ -40,6 +53,7 @@ from fedfew_med.dp.options import PrivacyOptions
 from fedfew_med.dp.report import site_report
 from fedfew_med.dp.server import ServerDP, clip_update
 from fedfew_med.dp.site import SitePrivacy
+from fedfew_med.dp.timing import benchmark_epoch_times
 
 __all__ = [
     "Calibration",
@@ -56,7 +70,9 @@ __all__ = [
     "RdpCurves",
     "RoundUsage",
     "ServerDP",
+    "ServerPrivacyOptions",
     "SitePrivacy",
+    "benchmark_epoch_times",
     "calibrate",
     "calibrate_site",
     "check_dp_ready",
@@ -66,10 +82,16 @@ __all__ = [
     "epsilon_of",
     "loss_mechanism",
     "make_dp_ready",
+    "network_preparer",
     "per_sample_losses",
+    "plan_sites",
     "poisson_plan",
     "private_losses",
+    "private_sites",
     "probe_round",
     "resolve_grad_sample_mode",
+    "server_privacy_options",
+    "site_privacy_options",
     "site_report",
+    "with_server_dp",
 ]

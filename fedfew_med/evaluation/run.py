@@ -24,6 +24,7 @@ from fedfew_med import checkpoint
 from fedfew_med.algorithms import Algorithm, Params
 from fedfew_med.config import FederationConfig, federation_from_dict
 from fedfew_med.data import SiteData, build_sites
+from fedfew_med.dp.federation import network_preparer
 from fedfew_med.evaluation.report import Deployed, SiteReport, explain
 from fedfew_med.evaluation.stats import (
     DEFAULT_LEVEL,
@@ -88,8 +89,9 @@ class Run:
         self.site_states: dict[str, SiteState] = ckpt.sites
         self.site_data: dict[str, SiteData] = {s.name: s for s in sites}
         self.algorithm: Algorithm
-        self.algorithm, _ = make_algorithm(config, ModelFacts.common(sites))
-        self._runtimes: dict[str, SiteRuntime] = local_runtimes(config, sites, self.algorithm)
+        prepare = network_preparer(config, sites)  # a DP run's models belong to the DP-ready network (no BatchNorm)
+        self.algorithm, _ = make_algorithm(config, ModelFacts.common(sites), prepare)
+        self._runtimes: dict[str, SiteRuntime] = local_runtimes(config, sites, self.algorithm, prepare=prepare)
         for name, rt in self._runtimes.items():
             rt.state = self.site_states.get(name, SiteState())
         self._reports: dict[tuple[str, int, float, int], SiteReport] = {}

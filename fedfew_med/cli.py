@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from fedfew_med import checkpoint
 from fedfew_med.config import ConfigError, load_federation
+from fedfew_med.flower import commands as flower_commands  # stdlib-light: flwr loads only in the apps
 from fedfew_med.simulation import Callbacks, RunDirError, SimulationResult, run
 
 log = logging.getLogger("fedfew_med")
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", help="output folder (default data/<dataset>...)")
     prep.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     prep.set_defaults(func=cmd_datasets_prepare)
+
+    flower_commands.add_parser(sub, out=print)  # `fedfew-med flower ...`: deployment across hospitals (docs/deployment.md)
     return parser
 
 

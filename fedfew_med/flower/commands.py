@@ -1,0 +1,214 @@
+"""The ``fedfew-med flower ...`` subcommands: secure Flower deployments in a few steps.
+
+``fedfew_med.cli`` wires them with ``add_parser(sub, out=print)``; the library never
+prints, it hands its lines to ``out``. The long-running steps (``superlink``,
+``supernode``) replace the current process with the Flower executable, so a service
+manager's signals reach Flower directly.
+
+=============  =============================================================================
+credentials    CA, SuperLink certificate, one key pair per site (run once, by the coordinator)
+superlink      start the SuperLink: TLS + SuperNode authentication + SQLite state
+connect        tell the ``flwr`` CLI where the SuperLink is (``$FLWR_HOME/config.toml``)
+register       allow a site's public key to connect (``flwr supernode register``)
+supernode      start one hospital's SuperNode with its site data and state directory
+run            start (or resume) a FedFew run with ``flwr run``
+=============  =============================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedfew_med.config import ConfigError
+from fedfew_med.flower import launch
+
+Out = Callable[[str], None]
+
+
+def add_parser(subparsers: Any, *, out: Out) -> argparse.ArgumentParser:
+    """Add the ``flower`` command and its steps to an argparse ``subparsers`` object."""
+    flower = subparsers.add_parser(
+        "flower",
+        help="deploy across hospitals on Flower (SuperLink, SuperNodes, TLS, authenticated sites)",
+        description="Run a federation across machines with Flower. Secure by default: TLS everywhere and only "
+        "registered SuperNodes may connect; --insecure (closed test networks only) turns both off. "
+        "See docs/deployment.md.",
+    )
+    steps = flower.add_subparsers(dest="flower_command", required=True, metavar="STEP")
+
+    p = steps.add_parser("credentials", help="create a CA, the SuperLink's certificate and one key pair per site")
+    p.add_argument("out", help="directory to create (keep ca.key offline; give each site only its own key)")
+    p.add_argument("--site", action="append", required=True, metavar="NAME", help="a site name; repeat for every site")
+    p.add_argument("--host", action="append", metavar="HOST",
+                   help="a name or IP address the SuperLink is reached at; repeatable (default: localhost 127.0.0.1 ::1)")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing credentials in OUT")
+    p.set_defaults(func=lambda a: _credentials(a, out))
+
+    p = steps.add_parser("superlink", help="start the SuperLink (replaces this process)")
+    _security(p, node=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9091, help="port of the Fleet, Control and Runtime APIs (default 9091)")
+    p.add_argument("--database", help="SQLite file keeping registered SuperNodes and runs across restarts "
+                                      "(default: superlink.db in the credentials directory)")
+    p.set_defaults(func=lambda a: _superlink(a, out))
+
+    p = steps.add_parser("connect", help="save a SuperLink connection for the flwr CLI ($FLWR_HOME/config.toml)")
+    p.add_argument("name", help="connection name, used by `register` and `run`")
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    p.add_argument("--ca", help="the federation's CA certificate (ca.crt)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (closed test networks only)")
+    p.add_argument("--flwr-home", help="Flower's home directory (default $FLWR_HOME or ~/.flwr)")
+    p.set_defaults(func=lambda a: _connect(a, out))
+
+    p = steps.add_parser("register", help="allow SuperNodes to connect, by their public keys")
+    p.add_argument("connection", help="connection name (see `connect`)")
+    p.add_argument("public_keys", nargs="+", metavar="PUBLIC_KEY", help="nodes/<site>.pub files")
+    p.add_argument("--flwr-home", help="Flower's home directory (default $FLWR_HOME or ~/.flwr)")
+    p.set_defaults(func=lambda a: _register(a, out))
+
+    p = steps.add_parser("supernode", help="start this site's SuperNode (replaces this process)")
+    _security(p, node=True)
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    p.add_argument("--state-dir", required=True, help="where this site keeps its state between rounds and restarts")
+    p.add_argument("--site-config", help="this site's config file (fedfew_med.data.sites)")
+    p.add_argument("--federation-config", help="a federation config whose SITE_INDEX-th site this is (demos)")
+    p.add_argument("--site-index", type=int, help="with --federation-config")
+    p.add_argument("--runtime-port", type=int, default=9094,
+                   help="local port for the SuperNode's ClientApp processes (one per SuperNode on a machine; default 9094)")
+    p.set_defaults(func=lambda a: _supernode(a, out))
+
+    p = steps.add_parser("run", help="start or resume a FedFew run on the federation (flwr run)")
+    p.add_argument("connection", help="connection name (see `connect`)")
+    p.add_argument("--federation-config", required=True, help="the federation config, as seen from the SuperLink's machine")
+    p.add_argument("--run-dir", required=True, help="run directory on the SuperLink's machine")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    p.add_argument("--min-sites", type=int, help="fewest valid replies a round needs (default 1)")
+    p.add_argument("--expected-sites", type=int, help="before round 0, wait for this many SuperNodes")
+    p.add_argument("--connect-timeout", type=float, help="seconds to wait for SuperNodes (default 120)")
+    p.add_argument("--query-timeout", type=float, help="seconds to wait for new sites to describe themselves (default 60)")
+    p.add_argument("--round-timeout", type=float, help="seconds to wait for one phase's replies (default 600)")
+    p.add_argument("--stop-after", type=int, help="stop after N rounds (resume later)")
+    p.add_argument("--stream", action="store_true", help="follow the run's log")
+    p.add_argument("--flwr-home", help="Flower's home directory (default $FLWR_HOME or ~/.flwr)")
+    p.set_defaults(func=lambda a: _run(a, out))
+    return flower
+
+
+def _security(p: argparse.ArgumentParser, *, node: bool) -> None:
+    if node:
+        p.add_argument("--ca", help="the federation's CA certificate (ca.crt)")
+        p.add_argument("--key", help="this site's private key (nodes/<site>)")
+    else:
+        p.add_argument("--credentials", help="the directory made by `fedfew-med flower credentials`")
+    p.add_argument("--insecure", action="store_true",
+                   help="turn off TLS and SuperNode authentication (closed test networks only; logs a warning)")
+
+
+# ------------------------------------------------------------------------ handlers
+def _credentials(args: argparse.Namespace, out: Out) -> int:
+    try:
+        creds = launch.make_credentials(args.out, sites=args.site, hosts=args.host or ("localhost", "127.0.0.1", "::1"),
+                                        valid_days=args.days, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as exc:
+        raise ConfigError(str(exc)) from None
+    out(f"CA certificate (for every SuperNode and the flwr CLI): {creds.ca_cert}")
+    out(f"CA private key (keep offline):                        {creds.ca_key}")
+    out(f"SuperLink certificate and key:                        {creds.server_cert}, {creds.server_key}")
+    for site, (private, public) in creds.node_keys.items():
+        out(f"site {site}: private key {private} (to that site only), public key {public} (register it)")
+    return 0
+
+
+def credentials_from_dir(directory: str | Path, sites: Sequence[str] = ()) -> launch.Credentials:
+    """The files of a ``credentials`` directory (node keys found under ``nodes/``)."""
+    root = Path(directory)
+    if not (root / "ca.crt").is_file():
+        raise ConfigError(f"{root} holds no ca.crt; create it with `fedfew-med flower credentials`")
+    names = list(sites) or sorted(p.stem for p in (root / "nodes").glob("*.pub"))
+    return launch.Credentials(root=root, ca_cert=root / "ca.crt", ca_key=root / "ca.key", server_cert=root / "server.pem",
+                              server_key=root / "server.key",
+                              node_keys={s: (root / "nodes" / s, root / "nodes" / f"{s}.pub") for s in names})
+
+
+def _superlink(args: argparse.Namespace, out: Out) -> int:
+    creds = None
+    if not args.insecure:
+        if not args.credentials:
+            raise ConfigError("superlink needs --credentials DIR (or --insecure on a closed test network)")
+        creds = credentials_from_dir(args.credentials)
+    database = args.database or (Path(args.credentials) / "superlink.db" if args.credentials else None)
+    cmd = launch.superlink_command(credentials=creds, host=args.host, port=args.port, database=database,
+                                   insecure=args.insecure)
+    return _exec(cmd, launch.flower_env(), out)
+
+
+def _connect(args: argparse.Namespace, out: Out) -> int:
+    if not args.insecure and not args.ca:
+        raise ConfigError("connect needs --ca ca.crt (or --insecure on a closed test network)")
+    path = launch.write_connection(_flwr_home(args), args.name, address=args.superlink, root_certificates=args.ca,
+                                   insecure=args.insecure)
+    out(f"connection {args.name!r} -> {args.superlink} saved in {path}")
+    return 0
+
+
+def _register(args: argparse.Namespace, out: Out) -> int:
+    env = launch.flower_env(flwr_home=_flwr_home(args))
+    for key in args.public_keys:
+        done = subprocess.run(launch.register_command(Path(key).resolve(), args.connection), env=env, check=False)
+        if done.returncode != 0:
+            return int(done.returncode)
+        out(f"registered {key}")
+    return 0
+
+
+def _supernode(args: argparse.Namespace, out: Out) -> int:
+    if args.site_config and (args.federation_config or args.site_index is not None):
+        raise ConfigError("give either --site-config, or --federation-config with --site-index")
+    node_config: dict[str, str | int] = {"state-dir": str(Path(args.state_dir).resolve())}
+    if args.site_config:
+        node_config["site-config"] = str(Path(args.site_config).resolve())
+    elif args.federation_config and args.site_index is not None:
+        node_config["federation-config"] = str(Path(args.federation_config).resolve())
+        node_config["site-index"] = args.site_index
+    else:
+        raise ConfigError("supernode needs --site-config FILE, or --federation-config FILE --site-index N")
+    if not args.insecure and not (args.ca and args.key):
+        raise ConfigError("supernode needs --ca ca.crt and --key nodes/<site> (or --insecure on a closed test network)")
+    cmd = launch.supernode_command(superlink=args.superlink, node_config=node_config, root_certificates=args.ca,
+                                   private_key=args.key, runtime_port=args.runtime_port, insecure=args.insecure)
+    return _exec(cmd, launch.flower_env(), out)
+
+
+def _run(args: argparse.Namespace, out: Out) -> int:
+    run_config: dict[str, str | int | float | bool] = {
+        "federation-config": str(Path(args.federation_config).resolve()),
+        "run-dir": str(Path(args.run_dir).resolve()),
+    }
+    for flag in ("resume", "overwrite"):
+        if getattr(args, flag):
+            run_config[flag] = True
+    for attr in ("min_sites", "expected_sites", "connect_timeout", "query_timeout", "round_timeout", "stop_after"):
+        value = getattr(args, attr)
+        if value is not None:
+            run_config[attr.replace("_", "-")] = value
+    cmd = launch.flwr_run_command(args.connection, run_config, stream=args.stream)
+    return int(subprocess.run(cmd, env=launch.flower_env(flwr_home=_flwr_home(args)), check=False).returncode)
+
+
+def _flwr_home(args: argparse.Namespace) -> Path:
+    if args.flwr_home:
+        return Path(args.flwr_home)
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def _exec(cmd: list[str], env: dict[str, str], out: Out) -> int:
+    out(" ".join(cmd))
+    os.execvpe(cmd[0], cmd, env)  # does not return
+    return 0  # pragma: no cover

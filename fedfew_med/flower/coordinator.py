@@ -1,0 +1,495 @@
+"""The coordinator: the FedFew round loop of ``fedfew_med.simulation``, over a Flower ``Grid``.
+
+Per round, exactly as the in-process simulation does, with messages in between:
+
+0. *Roster.* SuperNodes the coordinator has not met yet are sent a ``query``
+   message; each answers with its site name, training-set size and model facts
+   (a bounded wait, ``query-timeout``). Known sites are remembered with their
+   sample counts in every checkpoint, so λ_i needs no query round after the first
+   one, and a site that is offline stays a participant that *failed*.
+1. *Participants* are sampled among all known sites (``run.participation``,
+   seeded by round); λ_i is computed from their sample counts.
+2. *Train.* Each connected participant is sent, in one message, the models it
+   needs (one ``ArrayRecord`` per model), its round info and its base round; the
+   coordinator waits at most ``round-timeout`` seconds. A site that is offline,
+   errors, times out or returns a malformed update is skipped for the round and
+   named in the record's ``failures``. Fewer than ``min-sites`` valid replies end
+   the run with :class:`FederationError` (the last checkpoint stays resumable).
+3. *Aggregate* the valid replies, in participant order (as the simulation does).
+4. *Evaluate* every connected site's deployed model (when the simulation would),
+   append the record to ``metrics.jsonl`` and checkpoint the server models and the
+   JSON state (run key, roster, each site's last accepted round).
+
+Resume (``resume=true``) continues after the last checkpoint; sites restore the
+state they had after the round the coordinator last accepted from them (see
+``fedfew_med.flower.site_store``), so a replayed round is computed exactly as the
+first time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from fedfew_med import checkpoint
+from fedfew_med.algorithms import Params, RoundInfo, SiteReply
+from fedfew_med.config import ConfigError, FederationConfig
+from fedfew_med.flower import codec, rundir
+from fedfew_med.flower.node import privacy_requested
+from fedfew_med.metrics import PRIMARY, summarize
+from fedfew_med.runtime import (
+    ModelFacts,
+    ServerRuntime,
+    make_algorithm,
+    params_nbytes,
+    reply_nbytes,
+    validate_reply,
+)
+
+log = logging.getLogger(__name__)
+
+NOT_CONNECTED = "SiteOffline: the site's SuperNode is not connected to the SuperLink"
+_UNREACHABLE = ("TimeoutError", "NODE_UNAVAILABLE")  # train failures after which evaluation is not even asked for
+_TTL_SLACK = 30.0  # seconds a message outlives the wait for its reply (then the SuperLink drops it)
+_ERROR_NAMES = {v: k for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, int)}
+_CLIENT_EXCEPTION = re.compile(r"^<class '([\w.]+)'>:<'(.*)'>$", re.DOTALL)
+
+
+class FederationError(RuntimeError):
+    """Too few sites to go on; the last checkpoint is intact and the run can be resumed."""
+
+
+class ServerConfigError(ConfigError):
+    """The ServerApp's run config (``--run-config``) is invalid."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The coordinator's run config (Flower ``--run-config`` keys in kebab case).
+
+    Attributes
+    ----------
+    federation_config
+        The federation TOML on the coordinator's machine (absolute path).
+    run_dir
+        Where ``metrics.jsonl``, checkpoints and the summary go (absolute path).
+    resume, overwrite
+        As ``fedfew-med simulate --resume / --overwrite``.
+    min_sites
+        Fewest valid replies a round needs; fewer end the run (resumable). At least 1.
+    expected_sites
+        Wait (at most ``connect_timeout``) until this many SuperNodes are connected before
+        the first round; 0 waits only for ``min_sites``.
+    connect_timeout, query_timeout, round_timeout
+        Upper bounds, in seconds, of every wait: for SuperNodes to connect, for the
+        answers to a query, for the replies of one train or evaluate phase.
+    poll_interval
+        Seconds between two pulls of replies from the SuperLink.
+    stop_after
+        Stop after this many rounds in this run (0: run to the end); resume later.
+    """
+
+    federation_config: Path
+    run_dir: Path
+    resume: bool = False
+    overwrite: bool = False
+    min_sites: int = 1
+    expected_sites: int = 0
+    connect_timeout: float = 120.0
+    query_timeout: float = 60.0
+    round_timeout: float = 600.0
+    poll_interval: float = 0.5
+    stop_after: int = 0
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "federation-config": "federation_config",
+        "run-dir": "run_dir",
+        "resume": "resume",
+        "overwrite": "overwrite",
+        "min-sites": "min_sites",
+        "expected-sites": "expected_sites",
+        "connect-timeout": "connect_timeout",
+        "query-timeout": "query_timeout",
+        "round-timeout": "round_timeout",
+        "poll-interval": "poll_interval",
+        "stop-after": "stop_after",
+    }
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerSettings:
+        """Validate the run config; errors name the key, what must hold and what was given."""
+        where = "--run-config"
+        unknown = sorted(set(run_config) - set(cls.KEYS))
+        if unknown:
+            raise ServerConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(cls.KEYS)}")
+        kinds = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, attr in cls.KEYS.items():
+            if key not in run_config:
+                continue
+            value = run_config[key]
+            kind = kinds[attr]
+            if kind == "Path":
+                if not isinstance(value, str) or not value or not Path(value).expanduser().is_absolute():
+                    raise ServerConfigError(f"{where}: {key} must be an absolute path, got {value!r}")
+                values[attr] = Path(value).expanduser()
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise ServerConfigError(f"{where}: {key} must be true or false, got {value!r}")
+                values[attr] = value
+            elif kind == "int":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ServerConfigError(f"{where}: {key} must be an integer >= 0, got {value!r}")
+                values[attr] = value
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise ServerConfigError(f"{where}: {key} must be a number of seconds > 0, got {value!r}")
+                values[attr] = float(value)
+        for key in ("federation-config", "run-dir"):
+            if cls.KEYS[key] not in values:
+                raise ServerConfigError(f"{where} must set {key}=\"/absolute/path\"")
+        if values.get("min_sites", 1) < 1:
+            raise ServerConfigError(f"{where}: min-sites must be an integer >= 1, got {values['min_sites']}")
+        return cls(**values)
+
+
+@dataclass
+class CoordinatorResult:
+    """What a finished (or stopped) coordinator run produced; the simulation's result, for Flower."""
+
+    run_dir: Path
+    rounds_completed: int
+    models: list[Params]
+    summary: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)  # rounds run by this call
+
+
+class Coordinator:
+    """Drives one federation run over a Flower ``Grid``; see the module docstring."""
+
+    def __init__(self, grid: Grid, config: FederationConfig, settings: ServerSettings) -> None:
+        self.grid = grid
+        self.config = config
+        self.settings = settings
+        self.run_key = ""
+        self.facts: ModelFacts | None = None
+        self.roster: dict[str, codec.SiteCard] = {}  # every site met in this run (persisted)
+        self.last_accepted: dict[str, int] = {}  # site -> last round whose reply was aggregated (persisted)
+        self.node_of: dict[str, int] = {}  # connected site -> its SuperNode's node id (not persisted)
+        self.rejected: set[int] = set()  # node ids refused for this run (facts or name conflicts)
+        self.server: ServerRuntime | None = None
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> CoordinatorResult:
+        """Run (or resume) the federation to its last round (or ``stop-after`` rounds) and write the summary."""
+        where = privacy_requested(self.config)
+        if where is not None:
+            raise ServerConfigError(
+                f"{where}: differential privacy is not applied by the Flower deployment yet; run this federation "
+                "with `fedfew-med simulate`, or remove the table to train without DP"
+            )
+        with rundir.locked(self.settings.run_dir):
+            return self._run()
+
+    def _run(self) -> CoordinatorResult:
+        cfg, st = self.config, self.settings
+        run_dir = st.run_dir
+        ckpt = rundir.prepare(run_dir, cfg, resume=st.resume, overwrite=st.overwrite)
+        start, history = 0, []
+        if ckpt is not None:
+            self._restore(ckpt)
+            start = ckpt.round + 1
+            history = rundir.truncate_metrics(run_dir / "metrics.jsonl", ckpt.round)
+            log.info("resuming %s after round %d", run_dir, ckpt.round)
+        else:
+            if st.resume:
+                log.warning("%s has no checkpoint to resume from; starting at round 0", run_dir)
+            self.run_key = f"{re.sub(r'[^A-Za-z0-9._-]', '-', cfg.run.name)}-{uuid.uuid4().hex[:12]}"
+        end = cfg.run.rounds if not st.stop_after else min(cfg.run.rounds, start + st.stop_after)
+        self._await_nodes(max(st.min_sites, st.expected_sites))
+        self._refresh_roster()
+        server = self._server()
+        records: list[dict[str, Any]] = []
+        evaluation: dict[str, dict[str, Any]] = {}
+        for r in range(start, end):
+            t0 = time.perf_counter()
+            if len(self.node_of) < st.min_sites:
+                self._await_nodes(st.min_sites)
+            self._refresh_roster()
+            participants = server.participants(r, list(self.roster))
+            info = server.round_info(r, {s: self.roster[s].num_train for s in participants})
+            replies, traffic, failures = self._train(info, participants)
+            if len(replies) < st.min_sites:
+                raise FederationError(
+                    f"round {r}: {len(replies)} valid site replies, fewer than min-sites={st.min_sites}; "
+                    f"failures: {failures}. The checkpoint of the previous round is intact: fix the sites and resume."
+                )
+            step = server.aggregate(info, replies)
+            for s in replies:
+                self.last_accepted[s] = r
+            extra: dict[str, Any] = {}
+            if r == cfg.run.rounds - 1 or r % cfg.run.eval_every == 0 or r == end - 1:
+                unreachable = {s: why for s, why in failures.items() if why.startswith(_UNREACHABLE)}
+                evaluation, eval_failures = self._evaluate(r, skip=unreachable)
+                if eval_failures:
+                    extra["evaluation_failures"] = eval_failures
+            record = {
+                "round": r,
+                "participants": participants,
+                "failures": failures,
+                "server": step.log,
+                "site_losses": {s: list(rep.losses) for s, rep in replies.items()},
+                "site_info": {s: dict(rep.info) for s, rep in replies.items()},
+                "assignments": {s: e["model"] for s, e in evaluation.items()},
+                "metrics": {s: e["metrics"] for s, e in evaluation.items()},
+                "summary": summarize({s: e["metrics"][PRIMARY[self._facts().task]] for s, e in evaluation.items()}),
+                "bytes": traffic,
+                "seconds": round(time.perf_counter() - t0, 4),
+                **extra,
+            }
+            rundir.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint, as the simulation
+            checkpoint.save(run_dir, r, server_models=server.models, sites={}, state=self._state())
+            records.append(record)
+            log.info("round %d done: %d replies, failures %s", r, len(replies), sorted(failures))
+        latest = checkpoint.latest_round(run_dir)
+        completed = 0 if latest is None else latest + 1
+        if not evaluation:
+            evaluation, _ = self._evaluate(max(completed - 1, 0))
+        summary = rundir.summarize_run(
+            config=cfg,
+            task=self._facts().task,
+            num_models=server.algorithm.num_models,
+            sites={s: {"n_train": c.num_train, "protocol": c.protocol} for s, c in self.roster.items()},
+            records=history + records,
+            evaluation=evaluation,
+        )
+        summary["finished"] = completed >= cfg.run.rounds
+        summary["run_key"] = self.run_key
+        rundir.write_final(run_dir, server.models, summary)
+        return CoordinatorResult(run_dir=run_dir, rounds_completed=completed, models=server.models, summary=summary, records=records)
+
+    # --------------------------------------------------------------- the phases
+    def _train(
+        self, info: RoundInfo, participants: list[str]
+    ) -> tuple[dict[str, SiteReply], dict[str, dict[str, int]], dict[str, str]]:
+        server = self._server()
+        failures: dict[str, str] = {}
+        sent: dict[str, dict[int, Params]] = {}
+        messages: dict[str, Message] = {}
+        for s in participants:
+            if s not in self.node_of:
+                failures[s] = NOT_CONNECTED
+                continue
+            sent[s] = server.models_for(s, info)
+            content = RecordDict()
+            for key, record in codec.models_to_records(sent[s]).items():
+                content[key] = record
+            content[codec.RUN] = codec.encode_run(self._header(s))
+            content[codec.ROUND] = codec.encode_round(info, s)
+            messages[s] = self._message(content, s, MessageType.TRAIN, group=str(info.round))
+        answers, errors = self._exchange(messages, timeout=self.settings.round_timeout)
+        failures.update(errors)
+        replies: dict[str, SiteReply] = {}
+        traffic: dict[str, dict[str, int]] = {}
+        for s in participants:  # participant order: aggregation sums in this order, as the simulation
+            if s not in answers:
+                continue
+            try:
+                reply = codec.decode_reply(answers[s].content)
+                validate_reply(reply, sent[s], server.algorithm.num_models)
+            except Exception as exc:  # a malformed update must not crash the federation
+                failures[s] = f"{type(exc).__name__}: {exc}"
+                continue
+            replies[s] = reply
+            traffic[s] = {"sent": sum(params_nbytes(p) for p in sent[s].values()), "received": reply_nbytes(reply)}
+        for s, why in failures.items():
+            log.warning("round %d: site %s skipped: %s", info.round, s, why)
+        return replies, traffic, {s: failures[s] for s in participants if s in failures}
+
+    def _evaluate(self, round_idx: int, *, skip: Mapping[str, str] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Every connected site's deployed model on its test split, by site name.
+
+        Sites in ``skip`` (those that just timed out or were unavailable in training) are not
+        asked: a dead SuperNode would otherwise cost a second ``round-timeout`` in the same round.
+        """
+        models = codec.models_to_records(dict(enumerate(self._server().models)))
+        failures: dict[str, str] = {}
+        messages: dict[str, Message] = {}
+        for s in sorted(self.roster):
+            if s not in self.node_of:
+                failures[s] = NOT_CONNECTED
+                continue
+            if skip and s in skip:
+                failures[s] = "Skipped: the site was unreachable in this round's training"
+                continue
+            content = RecordDict()
+            for key, record in models.items():  # the same records in every message: the SuperLink stores them once
+                content[key] = record
+            content[codec.RUN] = codec.encode_run(self._header(s))
+            content[codec.EVALUATE] = codec.encode_evaluate(s, round_idx)
+            messages[s] = self._message(content, s, MessageType.EVALUATE, group=str(round_idx))
+        answers, errors = self._exchange(messages, timeout=self.settings.round_timeout)
+        failures.update(errors)
+        evaluation: dict[str, dict[str, Any]] = {}
+        for s in sorted(answers):
+            try:
+                evaluation[s] = codec.decode_evaluation(answers[s].content.config_records[codec.EVALUATION])
+            except Exception as exc:
+                failures[s] = f"{type(exc).__name__}: {exc}"
+        for s, why in failures.items():
+            log.warning("evaluation after round %d: site %s skipped: %s", round_idx, s, why)
+        return evaluation, dict(sorted(failures.items()))
+
+    # ------------------------------------------------------------- the roster
+    def _await_nodes(self, want: int) -> None:
+        """Wait (bounded) until ``want`` SuperNodes are connected; FederationError below ``min-sites``."""
+        st = self.settings
+        deadline = time.monotonic() + st.connect_timeout
+        online = set(self.grid.get_node_ids())
+        while len(online) < want and time.monotonic() < deadline:
+            time.sleep(min(st.poll_interval, max(deadline - time.monotonic(), 0.0)))
+            online = set(self.grid.get_node_ids())
+        if len(online) < st.min_sites:
+            raise FederationError(
+                f"{len(online)} SuperNode(s) connected after {st.connect_timeout:g}s, fewer than min-sites={st.min_sites}"
+            )
+        if len(online) < want:
+            log.warning("%d of the %d expected SuperNodes connected after %gs; going on with them",
+                        len(online), want, st.connect_timeout)
+
+    def _refresh_roster(self) -> None:
+        """Forget disconnected nodes; query new ones (bounded) and admit those that fit."""
+        online = list(self.grid.get_node_ids())
+        self.node_of = {s: n for s, n in self.node_of.items() if n in set(online)}
+        known = set(self.node_of.values()) | self.rejected
+        new = sorted(n for n in online if n not in known)
+        if not new:
+            return
+        messages = {n: self._message(RecordDict(), n, MessageType.QUERY, group="query") for n in new}
+        answers, errors = self._exchange(messages, timeout=self.settings.query_timeout)
+        for n, why in errors.items():
+            log.warning("SuperNode %d did not describe its site (will ask again next round): %s", n, why)
+        cards: list[tuple[codec.SiteCard, int]] = []
+        for n, answer in answers.items():
+            try:
+                cards.append((codec.decode_site(answer.content.config_records[codec.SITE]), n))
+            except Exception as exc:
+                log.warning("SuperNode %d sent an unreadable site description: %s", n, exc)
+        for card, n in sorted(cards, key=lambda c: (c[0].name, c[1])):
+            self._admit(card, n)
+
+    def _admit(self, card: codec.SiteCard, node: int) -> None:
+        if self.facts is None:
+            self.facts = card.facts  # the first site (by name) fixes what the models look like
+        if card.facts != self.facts:
+            self.rejected.add(node)
+            log.error("SuperNode %d (site %s) refused for this run: its data has %s, the federation %s",
+                      node, card.name, card.facts, self.facts)
+            return
+        if card.name in self.node_of:
+            self.rejected.add(node)
+            log.error("SuperNode %d claims site %s, which SuperNode %d already serves; refused for this run",
+                      node, card.name, self.node_of[card.name])
+            return
+        old = self.roster.get(card.name)
+        if old is not None and old.num_train != card.num_train:
+            log.warning("site %s now reports %d training records (was %d); λ follows", card.name, card.num_train, old.num_train)
+        self.roster[card.name] = card
+        self.node_of[card.name] = node
+        log.info("site %s is SuperNode %d (%d training records)", card.name, node, card.num_train)
+
+    # ---------------------------------------------------------------- helpers
+    def _server(self) -> ServerRuntime:
+        if self.server is None:
+            algorithm, models = make_algorithm(self.config, self._facts())
+            self.server = ServerRuntime(self.config, algorithm, models)
+        return self.server
+
+    def _facts(self) -> ModelFacts:
+        if self.facts is None:
+            raise FederationError("no site has described its data yet, so the models cannot be built")
+        return self.facts
+
+    def _header(self, site: str) -> codec.RunHeader:
+        return codec.RunHeader(run_key=self.run_key, config=self.config, base_round=self.last_accepted.get(site, -1))
+
+    def _message(self, content: RecordDict, site_or_node: str | int, kind: str, *, group: str) -> Message:
+        node = self.node_of[site_or_node] if isinstance(site_or_node, str) else site_or_node
+        timeout = self.settings.query_timeout if kind == MessageType.QUERY else self.settings.round_timeout
+        return Message(content, node, kind, ttl=timeout + _TTL_SLACK, group_id=group)
+
+    def _exchange(self, messages: Mapping[Any, Message], *, timeout: float) -> tuple[dict[Any, Message], dict[Any, str]]:
+        """Push ``messages`` and pull their replies until all arrived or ``timeout`` passed (never longer)."""
+        if not messages:
+            return {}, {}
+        keys = list(messages)
+        ids = list(self.grid.push_messages([messages[k] for k in keys]))
+        ids += [""] * (len(keys) - len(ids))
+        pending: dict[str, Any] = {}
+        errors: dict[Any, str] = {}
+        for key, message_id in zip(keys, ids, strict=True):
+            if message_id:
+                pending[message_id] = key
+            else:
+                errors[key] = "MessageRefused: the SuperLink did not accept the message"
+        answers: dict[Any, Message] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                key = pending.pop(reply.metadata.reply_to_message_id, None)
+                if key is None:
+                    continue
+                if reply.has_error():
+                    errors[key] = describe_error(reply.error.code, reply.error.reason or "")
+                else:
+                    answers[key] = reply
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                break
+            time.sleep(min(self.settings.poll_interval, remaining))
+        for key in pending.values():
+            errors[key] = f"TimeoutError: no reply within {timeout:g}s"
+        return answers, errors
+
+    def _state(self) -> dict[str, Any]:
+        """The JSON state saved with every checkpoint."""
+        return {
+            "config_digest": self.config.digest(),
+            "run_key": self.run_key,
+            "facts": dict(self._facts().__dict__),
+            "sites": {s: c.to_json() for s, c in sorted(self.roster.items())},
+            "last_accepted": dict(sorted(self.last_accepted.items())),
+        }
+
+    def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        st = ckpt.state
+        missing = [k for k in ("run_key", "facts", "sites", "last_accepted") if k not in st]
+        if missing:
+            raise rundir.RunDirError(
+                f"{self.settings.run_dir}: the checkpoint lacks {missing}; was it written by `fedfew-med simulate`? "
+                "A simulation cannot be resumed on Flower"
+            )
+        self.run_key = str(st["run_key"])
+        self.facts = ModelFacts(**st["facts"])
+        self.roster = {s: codec.SiteCard.from_json(s, c) for s, c in st["sites"].items()}
+        self.last_accepted = {s: int(r) for s, r in st["last_accepted"].items()}
+        algorithm, _ = make_algorithm(self.config, self.facts)
+        self.server = ServerRuntime(self.config, algorithm, ckpt.server_models)
+
+
+def describe_error(code: int, reason: str) -> str:
+    """A Flower error reply as ``"Kind: message"``, like the simulation's failure strings."""
+    match = _CLIENT_EXCEPTION.match(reason.strip())
+    if code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION and match:
+        return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
+    return f"{_ERROR_NAMES.get(code, f'FlowerError{code}')}: {reason}"

@@ -1,0 +1,281 @@
+"""The coordinator and the ClientApp over an in-process Grid: same result as the simulation, faults, resume.
+
+Every message goes through Flower's serialisation and the real ClientApp handlers, so
+these tests cover the whole protocol in seconds; ``test_deployment.py`` repeats the key
+ones with real SuperLink / SuperNode processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedfew_med import checkpoint
+from fedfew_med.flower import rundir
+from fedfew_med.flower.client_app import app as client_app
+from fedfew_med.flower.coordinator import Coordinator, FederationError, ServerSettings
+from fedfew_med.flower.site_store import SiteStore
+from fedfew_med.simulation import run as simulate
+from tests.flower.conftest import write_config
+from tests.flower.fakegrid import LocalGrid
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+NAMES = ["site00-bright", "site01-dark", "site02-noisy"]
+
+
+def _grid(tmp_path: Path, config_path: Path, n: int = 3) -> LocalGrid:
+    nodes = {
+        101 + i: {"federation-config": str(config_path), "site-index": i, "state-dir": str(tmp_path / f"state{i}")}
+        for i in range(n)
+    }
+    return LocalGrid(client_app, nodes)
+
+
+def _settings(tmp_path: Path, config_path: Path, **kw) -> ServerSettings:
+    base = {"federation_config": config_path, "run_dir": tmp_path / "run", "connect_timeout": 1.0,
+            "query_timeout": 1.0, "round_timeout": 1.0, "poll_interval": 0.05}
+    return ServerSettings(**{**base, **kw})
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_models(a, b, atol: float = 0.0) -> None:
+    assert len(a) == len(b)
+    for ma, mb in zip(a, b, strict=True):
+        assert ma.keys() == mb.keys()  # (a checkpoint restores them in sorted order, as in the simulation)
+        for name in ma:
+            torch.testing.assert_close(ma[name], mb[name], atol=atol, rtol=0.0)
+
+
+@pytest.mark.parametrize(("algorithm", "params"), [("fedfew", {"k": 2, "mu": 0.01}), ("ditto", {"lam": 0.1}), ("local", {})])
+def test_same_models_and_records_as_the_simulation(tmp_path, algorithm, params):
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 3, "eval_every": 2}, algorithm={"name": algorithm, "params": params})
+    expected = simulate(config, run_dir=tmp_path / "sim")
+    result = Coordinator(_grid(tmp_path, path), config, _settings(tmp_path, path)).run()
+    _same_models(expected.models, result.models)
+    assert _records(tmp_path / "run") == _records(tmp_path / "sim")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    sim_summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert summary.pop("run_key") == result.summary["run_key"]
+    assert summary == sim_summary
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == config.to_dict()
+
+
+def test_each_site_gets_its_own_lambda_only_and_state_lives_at_the_site(tmp_path):
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 2}, algorithm={"name": "ditto", "params": {"lam": 0.1}})
+    grid = _grid(tmp_path, path)
+    seen = []
+    grid.before_handle = lambda msg: seen.append(dict(msg.content.config_records.get("fedfew.round", {})))
+    result = Coordinator(grid, config, _settings(tmp_path, path)).run()
+    rounds = [s for s in seen if s]
+    assert rounds and all(set(s) == {"round", "num-rounds", "site", "site-weight", "extra.mu"} or "extra.mu" not in s for s in rounds)
+    assert all("site-weight" in s and not any(k in s for k in NAMES) for s in rounds)
+    # the server checkpoint holds server models only; personal models are on the sites' disks
+    ckpt = checkpoint.load(tmp_path / "run")
+    assert ckpt is not None and ckpt.sites == {}
+    run_key = result.summary["run_key"]
+    for i, name in enumerate(NAMES):
+        store = SiteStore(tmp_path / f"state{i}", run_key=run_key, site=name)
+        assert store.rounds() == [0, 1]  # the base it started from and the state after the last round
+        assert "personal" in store.load(1).models
+        choice = store.load_choice()  # the model the site deploys is recorded at the site
+        assert choice is not None and choice["round"] == 1
+        assert choice["model"] == result.summary["per_site"][name]["model"]
+        assert choice["metrics"] == result.summary["per_site"][name]["metrics"]
+
+
+def test_a_silent_site_is_skipped_after_the_round_timeout_and_recorded(tmp_path):
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 2})
+    grid = _grid(tmp_path, path)
+    coordinator = Coordinator(grid, config, _settings(tmp_path, path, round_timeout=0.3))
+    original = coordinator._train
+
+    def train_then_silence(info, participants):
+        if info.round == 1:
+            grid.silent.add(102)  # killed: still listed by the SuperLink, never answers
+        return original(info, participants)
+
+    coordinator._train = train_then_silence
+    result = coordinator.run()
+    rec = result.records[1]
+    assert list(rec["failures"]) == ["site01-dark"]
+    assert rec["failures"]["site01-dark"] == "TimeoutError: no reply within 0.3s"
+    assert rec["evaluation_failures"] == {"site01-dark": "Skipped: the site was unreachable in this round's training"}
+    assert "site01-dark" not in rec["server"]["sites"] and len(rec["server"]["sites"]) == 2
+    assert result.summary["finished"] and result.summary["failures"] == {"1": rec["failures"]}
+
+
+def test_an_offline_site_stays_a_participant_that_failed(tmp_path):
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 3})
+    grid = _grid(tmp_path, path)
+    Coordinator(grid, config, _settings(tmp_path, path, stop_after=1)).run()
+    grid.online.discard(103)
+    result = Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()
+    assert [r["round"] for r in result.records] == [1, 2]
+    for rec in result.records:
+        assert rec["participants"] == NAMES
+        assert rec["failures"] == {"site02-noisy": "SiteOffline: the site's SuperNode is not connected to the SuperLink"}
+        assert sorted(rec["metrics"]) == NAMES[:2]
+
+
+def test_a_crashing_site_is_skipped_with_its_exception(tmp_path):
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 2})
+    grid = _grid(tmp_path, path)
+
+    def crash(msg):
+        if msg.metadata.message_type == "train" and msg.metadata.group_id == "1" and msg.metadata.dst_node_id == 101:
+            raise RuntimeError("disk full at the site")
+
+    grid.before_handle = crash
+    result = Coordinator(grid, config, _settings(tmp_path, path)).run()
+    assert result.records[1]["failures"] == {"site00-bright": "RuntimeError: disk full at the site"}
+    assert result.records[0]["failures"] == {}
+
+
+def test_too_few_sites_end_the_run_and_it_resumes_exactly(tmp_path):
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 3}, algorithm={"name": "ditto", "params": {"lam": 0.1}})
+    straight = simulate(config, run_dir=tmp_path / "sim")
+    grid = _grid(tmp_path, path)
+    broken = {"on": True}
+
+    def outage(msg):
+        if broken["on"] and msg.metadata.message_type == "train" and msg.metadata.group_id == "1":
+            raise OSError("network down")
+
+    grid.before_handle = outage
+    with pytest.raises(FederationError, match="fewer than min-sites=3"):
+        Coordinator(grid, config, _settings(tmp_path, path, min_sites=3)).run()
+    assert checkpoint.latest_round(tmp_path / "run") == 0
+    broken["on"] = False
+    result = Coordinator(grid, config, _settings(tmp_path, path, min_sites=3, resume=True)).run()
+    _same_models(straight.models, result.models)
+    assert _records(tmp_path / "run") == _records(tmp_path / "sim")
+
+
+def test_a_round_replayed_after_a_coordinator_crash_starts_from_the_accepted_state(tmp_path, monkeypatch):
+    """Sites trained round 1, then the coordinator died before its checkpoint: the replay must not see round 1's state."""
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 3}, algorithm={"name": "ditto", "params": {"lam": 0.1}})
+    straight = simulate(config, run_dir=tmp_path / "sim")
+    grid = _grid(tmp_path, path)
+    real_save = checkpoint.save
+
+    def die_at_round_1(run_dir, round_idx, **kw):
+        if round_idx == 1:
+            raise SystemExit("coordinator killed")
+        return real_save(run_dir, round_idx, **kw)
+
+    monkeypatch.setattr(checkpoint, "save", die_at_round_1)
+    with pytest.raises(SystemExit):
+        Coordinator(grid, config, _settings(tmp_path, path)).run()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    result = Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()
+    _same_models(straight.models, result.models)
+    assert _records(tmp_path / "run") == _records(tmp_path / "sim")
+
+
+def test_site_state_survives_a_supernode_restart(tmp_path):
+    """A restarted SuperNode has an empty context: the state comes back from its disk."""
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 3}, algorithm={"name": "ditto", "params": {"lam": 0.1}})
+    straight = simulate(config, run_dir=tmp_path / "sim")
+    grid = _grid(tmp_path, path)
+    Coordinator(grid, config, _settings(tmp_path, path, stop_after=2)).run()
+    for ctx in grid.contexts.values():
+        ctx.state = type(ctx.state)()
+    result = Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()
+    _same_models(straight.models, result.models)
+
+
+def test_sites_with_other_model_facts_or_a_taken_name_are_refused(tmp_path):
+    path = tmp_path / "fed.toml"
+    other = tmp_path / "other.toml"
+    config = write_config(path, run={"rounds": 1})
+    params = {"num_sites": 3, "image_size": 32, "train_min": 24, "train_max": 40, "test_per_site": 20, "seed": 1}
+    write_config(other, data={"params": params})
+    grid = _grid(tmp_path, path)
+    grid.contexts[104] = type(grid.contexts[101])(run_id=7, node_id=104, node_config={
+        "federation-config": str(other), "site-index": 2, "state-dir": str(tmp_path / "s4")}, state=type(grid.contexts[101].state)(), run_config={})
+    grid.contexts[105] = type(grid.contexts[101])(run_id=7, node_id=105, node_config={
+        "federation-config": str(path), "site-index": 0, "state-dir": str(tmp_path / "s5")}, state=type(grid.contexts[101].state)(), run_config={})
+    grid.online |= {104, 105}
+    coordinator = Coordinator(grid, config, _settings(tmp_path, path))
+    result = coordinator.run()
+    assert coordinator.rejected == {104, 105}
+    assert result.records[0]["participants"] == NAMES
+
+
+def test_no_site_within_the_connect_timeout_is_an_error(tmp_path):
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 1})
+    grid = _grid(tmp_path, path)
+    grid.online.clear()
+    with pytest.raises(FederationError, match="0 SuperNode"):
+        Coordinator(grid, config, _settings(tmp_path, path, connect_timeout=0.2)).run()
+
+
+def test_a_run_dir_in_use_or_of_another_config_is_refused(tmp_path):
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 1})
+    grid = _grid(tmp_path, path)
+    Coordinator(grid, config, _settings(tmp_path, path)).run()
+    with pytest.raises(rundir.RunDirError, match="resume=true"):
+        Coordinator(grid, config, _settings(tmp_path, path)).run()
+    other = write_config(tmp_path / "b.toml", run={"rounds": 1, "seed": 9})
+    with pytest.raises(rundir.RunDirError, match="different config"):
+        Coordinator(grid, other, _settings(tmp_path, path, resume=True)).run()
+    with rundir.locked(tmp_path / "run"), pytest.raises(rundir.RunDirError, match="in use"):
+        Coordinator(grid, config, _settings(tmp_path, path, overwrite=True)).run()
+    simulate(config, run_dir=tmp_path / "sim")
+    with pytest.raises(rundir.RunDirError, match="simulation cannot be resumed"):
+        Coordinator(grid, config, _settings(tmp_path, path, run_dir=tmp_path / "sim", resume=True)).run()
+
+
+def test_a_site_whose_own_config_asks_for_dp_refuses_to_train_and_is_recorded(tmp_path, monkeypatch):
+    """The Flower deployment does not apply DP yet: such a site must not train without it."""
+    import dataclasses
+
+    from fedfew_med.flower.node import NodeSettings
+
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 1})
+    real_load = NodeSettings.load_site
+
+    def with_privacy(self):
+        data = real_load(self)
+        if data.name != "site01-dark":
+            return data
+        return dataclasses.replace(data, metadata={**data.metadata, "privacy": {"epsilon": 3.0}, "site_file": "/h/site.toml"})
+
+    monkeypatch.setattr(NodeSettings, "load_site", with_privacy)
+    result = Coordinator(_grid(tmp_path, path), config, _settings(tmp_path, path)).run()
+    why = result.records[0]["failures"]["site01-dark"]
+    assert why.startswith("NotImplementedError: site 'site01-dark': /h/site.toml: [privacy] asks for differential privacy")
+    assert sorted(result.records[0]["server"]["sites"]) == ["site00-bright", "site02-noisy"]
+
+
+def test_a_federation_that_asks_for_dp_is_refused_before_anything_runs(tmp_path):
+    from types import SimpleNamespace
+
+    from fedfew_med.flower.coordinator import ServerConfigError
+
+    path = tmp_path / "fed.toml"
+    write_config(path, run={"rounds": 1})
+    grid = _grid(tmp_path, path)
+    for tables, where in [({"privacy": {"epsilon": 2.0}}, r"f\.toml: \[privacy\]"),
+                          ({"server_privacy": {"clip": 1.0, "noise_multiplier": 1.0}}, r"\[server_privacy\]")]:
+        config = SimpleNamespace(**{"source": "f.toml", "privacy": {}, "server_privacy": {}, **tables})
+        with pytest.raises(ServerConfigError, match=where + ".*not applied by the Flower deployment"):
+            Coordinator(grid, config, _settings(tmp_path, path)).run()  # type: ignore[arg-type]
+    assert grid.log == [] and not (tmp_path / "run").exists()

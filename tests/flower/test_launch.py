@@ -211,3 +211,12 @@ def test_privacy_is_requested_by_any_enabled_table():
     assert privacy_requested(cfg(), site({"epsilon": 3.0})) == "/h/s.toml: [privacy]"
     assert privacy_requested(cfg(), site({"enabled": False})) is None
     assert privacy_requested(SimpleNamespace(source="old.toml")) is None  # a config from before fedfew_med.dp
+
+
+def test_the_flower_steps_are_fedfew_med_subcommands(tmp_path, capsys):
+    from fedfew_med.cli import main
+
+    assert main(["flower", "credentials", str(tmp_path / "c"), "--site", "h-a", "--host", "127.0.0.1"]) == 0
+    assert "nodes/h-a.pub" in capsys.readouterr().out and (tmp_path / "c" / "server.pem").is_file()
+    assert main(["flower", "superlink"]) == 2  # neither credentials nor an explicit --insecure
+    assert "--credentials" in capsys.readouterr().err

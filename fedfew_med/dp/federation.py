@@ -32,10 +32,10 @@ from torch import nn
 from fedfew_med.algorithms.base import Algorithm, Params, RoundInfo
 from fedfew_med.config import ConfigError, FederationConfig, build_dataclass, require
 from fedfew_med.data.base import SiteData
-from fedfew_med.dp.calibrate import Calibration, calibrate_site, probe_round
+from fedfew_med.dp.calibrate import Calibration, CalibrationError, calibrate_site, probe_round
 from fedfew_med.dp.engine import resolve_grad_sample_mode
 from fedfew_med.dp.ledger import LedgerStateError, RdpCurves
-from fedfew_med.dp.networks import make_dp_ready
+from fedfew_med.dp.networks import NotDPReadyError, make_dp_ready
 from fedfew_med.dp.options import PrivacyOptions
 from fedfew_med.dp.report import mechanisms_summary
 from fedfew_med.dp.server import ServerDP
@@ -122,8 +122,20 @@ def private_sites(config: FederationConfig, sites: Sequence[SiteData]) -> dict[s
 
 
 def network_preparer(config: FederationConfig, sites: Sequence[SiteData]) -> Callable[[nn.Module], nn.Module] | None:
-    """:func:`make_dp_ready` when any site trains with DP (every site and the server share one architecture), else None."""
-    return make_dp_ready if private_sites(config, sites) else None
+    """:func:`make_dp_ready` when any site trains with DP (every site and the server share one architecture), else None.
+
+    A network that cannot be made DP-ready raises a ConfigError naming ``[model].name``.
+    """
+    if not private_sites(config, sites):
+        return None
+
+    def prepare(module: nn.Module) -> nn.Module:
+        try:
+            return make_dp_ready(module)
+        except NotDPReadyError as exc:
+            raise ConfigError(f"{config.source}: [model].name {config.model.name!r} cannot train with DP: {exc}") from None
+
+    return prepare
 
 
 def server_privacy_options(config: FederationConfig) -> ServerPrivacyOptions | None:
@@ -194,10 +206,13 @@ def plan_sites(
         usage = probe_round(algorithm, site.name, info, sent, num_samples=site.size("train"), local_epochs=config.training.local_epochs)
         key = (opts, site.size("train"), config.training.batch_size, len(taking_part), usage)
         if key not in calibrations:
-            calibrations[key] = calibrate_site(
-                opts, num_samples=site.size("train"), batch_size=config.training.batch_size, rounds=len(taking_part), usage=usage,
-                curves=curves,
-            )
+            try:
+                calibrations[key] = calibrate_site(
+                    opts, num_samples=site.size("train"), batch_size=config.training.batch_size, rounds=len(taking_part),
+                    usage=usage, curves=curves,
+                )
+            except (CalibrationError, ValueError) as exc:
+                raise ConfigError(f"{config.source}: site {site.name!r}: its privacy options cannot be met: {exc}") from None
         mode = resolve_grad_sample_mode(opts.grad_sample_mode, network)
         out[site.name] = SitePrivacy(site.name, opts, calibrations[key], grad_sample_mode=mode, usage=usage, curves=curves)
     return out

@@ -45,7 +45,9 @@ def benchmark_epoch_times(config: FederationConfig | str | Path, *, epochs: int 
     -------
     dict
         ``{"seconds": {mode: median s per epoch (all sites)}, "ratios": {"hooks": .., "ghost": ..},
-        "samples": {mode: [s, ...]}, "epochs": epochs, "sites": M, "records": N, "model": name}``.
+        "ratios_min": (the same from the fastest epoch of each mode: on a busy machine the least
+        disturbed estimate), "samples": {mode: [s, ...]}, "epochs": epochs, "sites": M, "records": N,
+        "model": name}``.
     """
     cfg = config if isinstance(config, FederationConfig) else load_federation(config)
     if epochs < 1:
@@ -84,6 +86,7 @@ def benchmark_epoch_times(config: FederationConfig | str | Path, *, epochs: int 
     return {
         "seconds": seconds,
         "ratios": {m: seconds[m] / seconds["none"] for m in ("hooks", "ghost")},
+        "ratios_min": {m: min(samples[m]) / min(samples["none"]) for m in ("hooks", "ghost")},
         "samples": samples,
         "epochs": epochs,
         "sites": len(sites),

@@ -142,6 +142,7 @@ def test_resuming_with_a_changed_site_budget_is_refused(tmp_path):
         ({"epsilon": -1.0}, None, r"dp.toml: \[privacy\].epsilon must be > 0, got -1.0"),
         ({"epsilon": 3.0, "clip": 1.0}, None, r"dp.toml: \[privacy\]: unknown key 'clip'"),
         ({"sites": {"nowhere": {"epsilon": 1.0}}}, None, r"dp.toml: \[privacy.sites.nowhere\] names no site"),
+        ({"epsilon": 0.5, "loss_noise_multiplier": 1.0}, None, r"dp.toml: site 'site00-.*': its privacy options cannot be met: the loss"),
         (None, {"clip": 1.0}, r"dp.toml: \[server_privacy\].noise_multiplier is required"),
         (None, {"clip": 0.0, "noise_multiplier": 1.0}, r"dp.toml: \[server_privacy\].clip must be > 0, got 0.0"),
     ],
@@ -156,3 +157,15 @@ def test_a_config_without_privacy_keeps_its_digest():
     assert "privacy" not in federation_from_dict(d).to_dict()
     assert federation_from_dict({**d, "privacy": {}}).digest() == federation_from_dict(d).digest()
     assert federation_from_dict({**d, "privacy": {"epsilon": 3.0}}).digest() != federation_from_dict(d).digest()
+
+
+@pytest.mark.slow
+def test_benchmark_epoch_times_reports_interleaved_medians_and_their_ratios():
+    from fedfew_med.dp import benchmark_epoch_times
+
+    out = benchmark_epoch_times(_config(), epochs=3)
+    assert set(out["seconds"]) == {"none", "hooks", "ghost"} and all(len(v) == 3 for v in out["samples"].values())
+    for mode in ("hooks", "ghost"):
+        assert out["ratios"][mode] == pytest.approx(sorted(out["samples"][mode])[1] / sorted(out["samples"]["none"])[1])
+        assert out["ratios_min"][mode] == pytest.approx(min(out["samples"][mode]) / min(out["samples"]["none"]))
+    assert (out["sites"], out["records"], out["model"]) == (3, 72, "classifier")

@@ -26,6 +26,17 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 NAMES = ["site00-bright", "site01-dark", "site02-noisy"]
 
 
+DITTO = {"run": {"rounds": 2}, "algorithm": {"name": "ditto", "params": {"lam": 0.1}}}  # personal state at every site
+
+
+@pytest.fixture(scope="module")
+def ditto_reference(tmp_path_factory: pytest.TempPathFactory):
+    """The in-process run of :data:`DITTO` that the resume tests must reproduce (computed once)."""
+    root = tmp_path_factory.mktemp("ditto-sim")
+    config = write_config(root / "fed.toml", **DITTO)
+    return simulate(config, run_dir=root / "sim")
+
+
 def _grid(tmp_path: Path, config_path: Path, n: int = 3) -> LocalGrid:
     nodes = {
         101 + i: {"federation-config": str(config_path), "site-index": i, "state-dir": str(tmp_path / f"state{i}")}
@@ -115,12 +126,12 @@ def test_a_silent_site_is_skipped_after_the_round_timeout_and_recorded(tmp_path)
 
 def test_an_offline_site_stays_a_participant_that_failed(tmp_path):
     path = tmp_path / "fed.toml"
-    config = write_config(path, run={"rounds": 3})
+    config = write_config(path, run={"rounds": 2})
     grid = _grid(tmp_path, path)
     Coordinator(grid, config, _settings(tmp_path, path, stop_after=1)).run()
     grid.online.discard(103)
     result = Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()
-    assert [r["round"] for r in result.records] == [1, 2]
+    assert [r["round"] for r in result.records] == [1]
     for rec in result.records:
         assert rec["participants"] == NAMES
         assert rec["failures"] == {"site02-noisy": "SiteOffline: the site's SuperNode is not connected to the SuperLink"}
@@ -142,10 +153,9 @@ def test_a_crashing_site_is_skipped_with_its_exception(tmp_path):
     assert result.records[0]["failures"] == {}
 
 
-def test_too_few_sites_end_the_run_and_it_resumes_exactly(tmp_path):
+def test_too_few_sites_end_the_run_and_it_resumes_exactly(tmp_path, ditto_reference):
     path = tmp_path / "fed.toml"
-    config = write_config(path, run={"rounds": 3}, algorithm={"name": "ditto", "params": {"lam": 0.1}})
-    straight = simulate(config, run_dir=tmp_path / "sim")
+    config = write_config(path, **DITTO)
     grid = _grid(tmp_path, path)
     broken = {"on": True}
 
@@ -159,15 +169,14 @@ def test_too_few_sites_end_the_run_and_it_resumes_exactly(tmp_path):
     assert checkpoint.latest_round(tmp_path / "run") == 0
     broken["on"] = False
     result = Coordinator(grid, config, _settings(tmp_path, path, min_sites=3, resume=True)).run()
-    _same_models(straight.models, result.models)
-    assert _records(tmp_path / "run") == _records(tmp_path / "sim")
+    _same_models(ditto_reference.models, result.models)
+    assert _records(tmp_path / "run") == _records(ditto_reference.run_dir)
 
 
-def test_a_round_replayed_after_a_coordinator_crash_starts_from_the_accepted_state(tmp_path, monkeypatch):
+def test_a_round_replayed_after_a_coordinator_crash_starts_from_the_accepted_state(tmp_path, monkeypatch, ditto_reference):
     """Sites trained round 1, then the coordinator died before its checkpoint: the replay must not see round 1's state."""
     path = tmp_path / "fed.toml"
-    config = write_config(path, run={"rounds": 3}, algorithm={"name": "ditto", "params": {"lam": 0.1}})
-    straight = simulate(config, run_dir=tmp_path / "sim")
+    config = write_config(path, **DITTO)
     grid = _grid(tmp_path, path)
     real_save = checkpoint.save
 
@@ -181,21 +190,20 @@ def test_a_round_replayed_after_a_coordinator_crash_starts_from_the_accepted_sta
         Coordinator(grid, config, _settings(tmp_path, path)).run()
     monkeypatch.setattr(checkpoint, "save", real_save)
     result = Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()
-    _same_models(straight.models, result.models)
-    assert _records(tmp_path / "run") == _records(tmp_path / "sim")
+    _same_models(ditto_reference.models, result.models)
+    assert _records(tmp_path / "run") == _records(ditto_reference.run_dir)
 
 
-def test_site_state_survives_a_supernode_restart(tmp_path):
+def test_site_state_survives_a_supernode_restart(tmp_path, ditto_reference):
     """A restarted SuperNode has an empty context: the state comes back from its disk."""
     path = tmp_path / "fed.toml"
-    config = write_config(path, run={"rounds": 3}, algorithm={"name": "ditto", "params": {"lam": 0.1}})
-    straight = simulate(config, run_dir=tmp_path / "sim")
+    config = write_config(path, **DITTO)
     grid = _grid(tmp_path, path)
-    Coordinator(grid, config, _settings(tmp_path, path, stop_after=2)).run()
+    Coordinator(grid, config, _settings(tmp_path, path, stop_after=1)).run()
     for ctx in grid.contexts.values():
         ctx.state = type(ctx.state)()
     result = Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()
-    _same_models(straight.models, result.models)
+    _same_models(ditto_reference.models, result.models)
 
 
 def test_sites_with_other_model_facts_or_a_taken_name_are_refused(tmp_path):

@@ -17,9 +17,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "integration: starts real Flower processes (SuperLink, SuperNodes) on loopback; minutes, not seconds",
     )
-    # flwr's CLI dependencies warn about their own dependencies at import; not ours to fix
-    for module in ("typer", "pathspec"):
-        config.addinivalue_line("filterwarnings", f"ignore::DeprecationWarning:{module}.*")
 
 
 def write_config(path: Path, **sections: dict[str, Any]) -> FederationConfig:

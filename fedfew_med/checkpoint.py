@@ -12,14 +12,21 @@ It is written under a temporary name, fsynced and renamed; then the one-line
 ``checkpoints/LATEST`` pointer is replaced atomically. A crash at any moment leaves
 the previous checkpoint as the latest complete one. Tensors go through
 ``safetensors``; nothing is ever unpickled.
+
+The run directory's other files are written here too, for every runner (the in-process
+simulation and the Flower coordinator): ``metrics.jsonl`` (:func:`append_record`,
+:func:`truncate_records`) and, at the end, ``models.safetensors`` and ``summary.json``
+(:func:`write_final`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,3 +180,37 @@ def _split_slot(key: str) -> tuple[str, str]:
         k, name = rest.split("/", 1)
         return f"server/{k}", name
     return head, rest
+
+
+# ------------------------------------------------------------------ the rest of a run directory
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line to ``path`` (``metrics.jsonl``) and fsync it."""
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def truncate_records(path: Path, last_round: int) -> list[dict[str, Any]]:
+    """Keep only complete records of rounds <= ``last_round`` (a crash may leave later or torn lines); return them."""
+    kept: list[dict[str, Any]] = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if rec.get("round", math.inf) <= last_round:
+                kept.append(rec)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def write_final(run_dir: Path, models: Sequence[Params], summary: dict[str, Any]) -> None:
+    """``models.safetensors`` (keys ``"{k}/{param}"``; its SHA-256 goes into ``summary``) and ``summary.json``, atomically."""
+    if models:
+        tmp = run_dir / f".models.tmp-{os.getpid()}"
+        save_file({f"{k}/{n}": t.contiguous() for k, m in enumerate(models) for n, t in m.items()}, str(tmp))
+        os.replace(tmp, run_dir / "models.safetensors")
+        summary["models_sha256"] = sha256_file(run_dir / "models.safetensors")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")

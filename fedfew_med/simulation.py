@@ -29,16 +29,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from safetensors.torch import save_file
 
 from fedfew_med import checkpoint
 from fedfew_med.algorithms import Params, RoundInfo, SiteReply
@@ -203,28 +199,6 @@ def _prepare_run_dir(run_dir: Path, config: FederationConfig, *, resume: bool, o
     return None
 
 
-def _truncate_metrics(path: Path, last_round: int) -> list[dict[str, Any]]:
-    """Keep only complete records of rounds <= last_round (a crash may leave later or torn lines)."""
-    kept: list[dict[str, Any]] = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if rec.get("round", math.inf) <= last_round:
-                kept.append(rec)
-    checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The final summary: per-site deployed metrics, mean / worst / Jain, model use, traffic."""
     primary = PRIMARY[fed.task]
@@ -309,7 +283,7 @@ def run(
         except LedgerStateError as exc:
             raise RunDirError(str(exc)) from None
         start = ckpt.round + 1
-        history = _truncate_metrics(run_dir / "metrics.jsonl", ckpt.round)
+        history = checkpoint.truncate_records(run_dir / "metrics.jsonl", ckpt.round)
         log.info("resuming %s after round %d", run_dir, ckpt.round)
     end = config.run.rounds if stop_after is None else min(config.run.rounds, start + stop_after)
     records: list[dict[str, Any]] = []
@@ -360,7 +334,7 @@ def run(
         server_privacy = fed.server_privacy_record()
         if server_privacy is not None:
             record["server_privacy"] = server_privacy
-        _append_jsonl(run_dir / "metrics.jsonl", record)  # before the checkpoint: a completed round always has its record
+        checkpoint.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint: a completed round always has its record
         site_states = {name: rt.state for name, rt in fed.sites.items()}
         run_state: dict[str, Any] = {"config_digest": config.digest()}
         if fed.privacy or fed.server_dp is not None:
@@ -379,9 +353,5 @@ def run(
     server_privacy = fed.server_privacy_record()
     if server_privacy is not None:
         summary["server_privacy"] = server_privacy
-    if fed.models:
-        save_file({f"{k}/{n}": t.contiguous() for k, m in enumerate(fed.models) for n, t in m.items()}, str(run_dir / ".models.tmp"))
-        os.replace(run_dir / ".models.tmp", run_dir / "models.safetensors")
-        summary["models_sha256"] = checkpoint.sha256_file(run_dir / "models.safetensors")
-    checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    checkpoint.write_final(run_dir, fed.models, summary)
     return SimulationResult(run_dir=run_dir, rounds_completed=completed, models=fed.models, summary=summary, records=records)

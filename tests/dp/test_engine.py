@@ -23,6 +23,7 @@ def _same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # five trainings: several seconds on 2 cores
 def test_dp_training_differs_from_plain_sgd_and_is_deterministic(dp_work):
     torch.manual_seed(123)
     before = torch.random.get_rng_state()

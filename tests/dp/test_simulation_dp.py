@@ -40,6 +40,7 @@ def _same_models(a, b):
     return all(torch.equal(ma[n], mb[n]) for ma, mb in zip(a, b, strict=True) for n in ma)
 
 
+@pytest.mark.slow  # two federations: several seconds on 2 cores
 def test_dp_and_non_dp_runs_differ_and_every_record_carries_the_privacy_report(tmp_path):
     plain = run(_config(), run_dir=tmp_path / "plain")
     dp = run(_config(privacy={"epsilon": 8.0}), run_dir=tmp_path / "dp")

@@ -209,7 +209,7 @@ class Coordinator:
         if ckpt is not None:
             self._restore(ckpt)
             start = ckpt.round + 1
-            history = rundir.truncate_metrics(run_dir / "metrics.jsonl", ckpt.round)
+            history = checkpoint.truncate_records(run_dir / "metrics.jsonl", ckpt.round)
             log.info("resuming %s after round %d", run_dir, ckpt.round)
         else:
             if st.resume:
@@ -257,7 +257,7 @@ class Coordinator:
                 "seconds": round(time.perf_counter() - t0, 4),
                 **extra,
             }
-            rundir.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint, as the simulation
+            checkpoint.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint, as the simulation
             checkpoint.save(run_dir, r, server_models=server.models, sites={}, state=self._state())
             records.append(record)
             log.info("round %d done: %d replies, failures %s", r, len(replies), sorted(failures))
@@ -275,7 +275,7 @@ class Coordinator:
         )
         summary["finished"] = completed >= cfg.run.rounds
         summary["run_key"] = self.run_key
-        rundir.write_final(run_dir, server.models, summary)
+        checkpoint.write_final(run_dir, server.models, summary)
         return CoordinatorResult(run_dir=run_dir, rounds_completed=completed, models=server.models, summary=summary, records=records)
 
     # --------------------------------------------------------------- the phases

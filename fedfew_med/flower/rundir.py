@@ -5,27 +5,23 @@ round, written before that round's checkpoint), ``checkpoints/`` (via
 :mod:`fedfew_med.checkpoint`; the server models and a JSON state), and at the
 end ``models.safetensors`` and ``summary.json``.
 
-The helpers below follow ``fedfew_med.simulation`` line for line (the two
-runners may not import each other); they are candidates for a shared layer-2
-module that both import.
+Records and the final files are written by the helpers both runners share
+(:func:`fedfew_med.checkpoint.append_record`, ``truncate_records``, ``write_final``);
+opening the directory and the summary follow ``fedfew_med.simulation`` (the two
+runners may not import each other) with the coordinator's wording and roster.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-import math
-import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from fedfew_med import checkpoint
-from fedfew_med.algorithms import Params
 from fedfew_med.config import FederationConfig
 from fedfew_med.metrics import PRIMARY, summarize
 
@@ -69,29 +65,6 @@ def prepare(run_dir: Path, config: FederationConfig, *, resume: bool, overwrite:
     checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     (run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
     return None
-
-
-def truncate_metrics(path: Path, last_round: int) -> list[dict[str, Any]]:
-    """Keep only complete records of rounds <= last_round (a crash may leave later or torn lines)."""
-    kept: list[dict[str, Any]] = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if rec.get("round", math.inf) <= last_round:
-                kept.append(rec)
-    checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
-def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line and fsync it."""
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def summarize_run(
@@ -139,12 +112,3 @@ def summarize_run(
     if any("metrics_finetuned" in e for e in evaluation.values()):
         out["summary_finetuned"] = summarize({s: e["metrics_finetuned"][primary] for s, e in evaluation.items()})
     return out
-
-
-def write_final(run_dir: Path, models: Sequence[Params], summary: dict[str, Any]) -> None:
-    """``models.safetensors`` (keys ``"{k}/{param}"``) and ``summary.json``, both atomically."""
-    if models:
-        save_file({f"{k}/{n}": t.contiguous() for k, m in enumerate(models) for n, t in m.items()}, str(run_dir / ".models.tmp"))
-        os.replace(run_dir / ".models.tmp", run_dir / "models.safetensors")
-        summary["models_sha256"] = checkpoint.sha256_file(run_dir / "models.safetensors")
-    checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")

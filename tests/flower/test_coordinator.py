@@ -274,16 +274,13 @@ def test_a_site_whose_own_config_asks_for_dp_refuses_to_train_and_is_recorded(tm
 
 
 def test_a_federation_that_asks_for_dp_is_refused_before_anything_runs(tmp_path):
-    from types import SimpleNamespace
-
     from fedfew_med.flower.coordinator import ServerConfigError
 
     path = tmp_path / "fed.toml"
     write_config(path, run={"rounds": 1})
     grid = _grid(tmp_path, path)
-    for tables, where in [({"privacy": {"epsilon": 2.0}}, r"f\.toml: \[privacy\]"),
-                          ({"server_privacy": {"clip": 1.0, "noise_multiplier": 1.0}}, r"\[server_privacy\]")]:
-        config = SimpleNamespace(**{"source": "f.toml", "privacy": {}, "server_privacy": {}, **tables})
-        with pytest.raises(ServerConfigError, match=where + ".*not applied by the Flower deployment"):
-            Coordinator(grid, config, _settings(tmp_path, path)).run()  # type: ignore[arg-type]
+    for name, table in [("privacy", {"epsilon": 2.0}), ("server_privacy", {"clip": 1.0, "noise_multiplier": 1.0})]:
+        config = write_config(tmp_path / f"{name}.toml", run={"rounds": 1}, **{name: table})
+        with pytest.raises(ServerConfigError, match=rf"{name}\.toml: \[{name}\].*not applied by the Flower deployment"):
+            Coordinator(grid, config, _settings(tmp_path, path)).run()
     assert grid.log == [] and not (tmp_path / "run").exists()

@@ -1,0 +1,65 @@
+"""Smoke tests: every benchmark script's quick mode runs end to end on a tiny configuration.
+
+Each script runs in a subprocess (as a user would run it) and must write its JSON, Markdown and
+PNG. Marked slow (``make test-slow``); together they take about two to three minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.datasets.test_fashion_mnist import write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_quality_quick_on_demo(tmp_path: Path) -> None:
+    run_script("quality.py", "--dataset", "demo", "--quick", "--ks", "3", "--rounds", "1", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "quality_demo_quick.json").read_text())
+    assert set(res["methods"]) == {"fedfew K=3", "local", "fedavg", "fedprox", "ifca K=3", "ditto", "fedavg_ft"}
+    for row in res["methods"].values():
+        assert 0.0 <= row["mean"] <= 1.0 and row["worst"] <= row["mean"] and row["selected"] in row["grid"]
+    assert res["methods"]["fedfew K=3"]["bytes_per_round"] > res["methods"]["fedavg"]["bytes_per_round"]
+    assert (tmp_path / "quality_demo_quick.md").read_text().startswith("# Quality")
+    assert (tmp_path / "quality_demo_quick.png").stat().st_size > 0
+
+
+def test_quality_quick_on_tiny_fashion_mnist(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 300), ("t10k", 100)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, size=(n, 28, 28)), compress=False)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, compress=False)
+    out = tmp_path / "out"
+    run_script("quality.py", "--dataset", "fmnist-path2", "--quick", "--ks", "3", "--rounds", "1", "--fmnist-root", str(tmp_path),
+               "--methods", "fedfew", "fedavg", "--out", str(out))
+    res = json.loads((out / "quality_fmnist-path2_quick.json").read_text())
+    assert set(res["methods"]) == {"fedfew K=3", "fedavg"} and len(res["partition"]) == 20
+
+
+def test_sparse_quick(tmp_path: Path) -> None:
+    run_script("sparse.py", "--dataset", "demo", "--quick", "--rounds", "1", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "sparse_demo_quick.json").read_text())
+    rows = res["methods"]
+    assert rows["fedfew top-1"]["bytes_per_round"] < rows["fedfew full"]["bytes_per_round"]
+    assert (tmp_path / "sparse_demo_quick.png").stat().st_size > 0
+
+
+def test_speed_quick(tmp_path: Path) -> None:
+    run_script("speed.py", "--quick", "--sizes", "10", "20", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "speed_quick.json").read_text())
+    assert res["overhead"]["ratio"] > 0 and 0 <= res["data_loading"]["share"] <= 1
+    assert [r["sites"] for r in res["scaling"]] == [10, 20]

@@ -97,10 +97,10 @@ def test_pathological_partition_gives_each_site_its_classes() -> None:
 def test_sites_split_75_25_with_val_from_train(tiny_root: Path) -> None:
     sites = fashion_mnist_sites(num_sites=4, scheme="pathological", classes_per_site=5, root=tiny_root, val_fraction=0.2)
     assert [s.name for s in sites] == ["site00", "site01", "site02", "site03"]
-    total = sum(s.size("train") + s.size("val") + s.size("test") for s in sites)  # type: ignore[arg-type]
+    total = sum(s.size("train") + s.size("val") + s.size("test") for s in sites)
     assert total == 500
     for s in sites:
-        n = s.size("train") + s.size("val") + s.size("test")  # type: ignore[arg-type]
+        n = s.size("train") + s.size("val") + s.size("test")
         assert abs(s.size("test") - 0.25 * n) <= 5  # rounding per class
         record = s.splits["train"][0]
         assert record["image"].shape == (1, 28, 28) and 0.0 <= float(record["image"].max()) <= 1.0
@@ -111,7 +111,7 @@ def test_sites_split_75_25_with_val_from_train(tiny_root: Path) -> None:
 
 def test_max_records_subsamples(tiny_root: Path) -> None:
     sites = fashion_mnist_sites(num_sites=2, alpha=0.5, root=tiny_root, max_records=200)
-    assert sum(s.size("train") + s.size("val") + s.size("test") for s in sites) == 200  # type: ignore[arg-type]
+    assert sum(s.size("train") + s.size("val") + s.size("test") for s in sites) == 200
 
 
 @pytest.mark.skipif(not DEFAULT_ROOT.is_dir(), reason=f"Debian package {APT_PACKAGE} not installed")

@@ -112,7 +112,7 @@ def write(out: Path, seeds: list[int], rounds: int | None, runs: dict[str, list[
     for method, row in rows.items():
         print(
             f"{method:<12} {row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f}   {row['worst']:.3f} "
-            f"{row['jain']:.3f} {row['seconds_per_run']:6.0f} {row['seeds_at_least_fedavg']:>8}/{len(per_seed)}"
+            f"{row['jain']:.3f} {row['seconds_per_run']:6.0f} {row['seeds_at_least_fedavg']:>8}/{len(row['per_seed'])}"
         )
     out.write_text(json.dumps({"seeds": seeds, "rounds": rounds, "config": str(CONFIG.relative_to(ROOT)), "methods": rows}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -82,18 +82,55 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     run_dir = Path(args.output) if args.output else Path("runs") / config.run.name
+    sites = None
+    if args.policy:  # the officer's policy is checked on every site's resolved options before anything trains
+        from fedfew_med.data import build_sites
+        from fedfew_med.privacy import enforce, load_policy
+
+        policy = load_policy(args.policy)
+        sites = build_sites(config.data, source=config.source)
+        enforce(policy, config, sites)
     done = (checkpoint.latest_round(run_dir) or -1) + 1 if args.resume and run_dir.exists() else 0
     callbacks, bars = _progress_callbacks(config.run.rounds, 0, disable=args.quiet or not sys.stderr.isatty() and not args.progress)
     bars[0].update(done)
     try:
         result = run(
-            config, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after, callbacks=callbacks
+            config, run_dir=run_dir, sites=sites, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+            callbacks=callbacks,
         )
     finally:
         for bar in bars:
             bar.close()
+    if args.policy:  # kept with the run: privacy-report checks it again
+        shutil.copyfile(args.policy, run_dir / "policy.toml")
     print(format_table(result))
     print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_privacy_report(args: argparse.Namespace) -> int:
+    from fedfew_med import audit  # layer 3: loads the runs, matplotlib for the plots
+    from fedfew_med.privacy import load_policy
+
+    run_dir = Path(args.run_dir)
+    policy_path = Path(args.policy) if args.policy else run_dir / "policy.toml"
+    policy = load_policy(policy_path) if args.policy or policy_path.is_file() else None
+    try:
+        report = audit.build_report(run_dir, baseline=args.baseline, policy=policy, audit=not args.no_attack,
+                                    n_resamples=args.resamples, seed=args.seed)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fedfew-med: error: {exc}", file=sys.stderr)
+        return 2
+    html_path, json_path = audit.write(report, args.output)
+    print(f"wrote {html_path} and {json_path}")
+    if "policy" in report:
+        print("policy: " + ("complies" if report["policy"]["compliant"] else "BROKEN (see the compliance table)"))
+    for site, check in report.get("attack", {}).get("checks", {}).items():
+        auc = report["attack"]["run"][site]["auc"]
+        base = report["attack"].get("baseline", {}).get(site)
+        print(f"  {site}: attack AUC {auc:.3f}" + (f" (baseline {base['auc']:.3f})" if base else "")
+              + f", empirical eps lower bound {check['epsilon_lower_bound']:.3f}"
+              + (f" <= accounted {check['accounted_epsilon']:.3f}" if check["accounted_epsilon"] is not None else ""))
     return 0
 
 
@@ -155,10 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     sim.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a config value (TOML syntax), e.g. --set algorithm.params.k=1; repeatable")
+    sim.add_argument("--policy", metavar="POLICY.toml",
+                     help="refuse to start (before any training) when a site's privacy options break this policy, "
+                     "e.g. privacy/policy.toml; the policy is copied into the run directory")
     sim.add_argument("--stop-after", type=int, metavar="N", help="stop after N rounds (resume later with --resume)")
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sim.add_argument("--progress", action="store_true", help="show progress bars even when stderr is not a terminal")
     sim.set_defaults(func=cmd_simulate)
+
+    rep = sub.add_parser(
+        "privacy-report",
+        help="write a self-contained HTML privacy report (and JSON) of a run",
+        description="Per-site privacy spent (ε over the rounds, δ, mechanisms, noise, clipping, sampling, accountant), "
+        "policy compliance, what left each site, config and model digests, and a loss-threshold membership-inference "
+        "attack on every site's deployed model (beside a non-DP --baseline run).",
+    )
+    rep.add_argument("run_dir", help="run directory written by `fedfew-med simulate`")
+    rep.add_argument("-o", "--output", required=True, help="output folder (privacy_report.html, privacy_report.json)")
+    rep.add_argument("--baseline", metavar="RUN_DIR", help="a non-DP run of the same data, attacked side by side")
+    rep.add_argument("--policy", metavar="POLICY.toml", help="policy to check (default: the run's own policy.toml, if any)")
+    rep.add_argument("--no-attack", action="store_true", help="skip the membership-inference audit (no models loaded)")
+    rep.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the attack (default 1000)")
+    rep.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    rep.set_defaults(func=cmd_privacy_report)
 
     val = sub.add_parser(
         "validate-site",

@@ -1,8 +1,8 @@
 """The import rules of the developers' brief, checked on the source (no imports executed).
 
 Layers (imports point down only, see shared/docs/architecture.md):
-0 config · 1 algorithms, data, models, metrics · 2 training, dp, audit, checkpoint ·
-3 simulation, flower (never each other) · 4 cli (imported by nobody).
+0 config · 1 algorithms, data, models, metrics · 2 training, dp, privacy, checkpoint ·
+3 simulation, flower (never each other), evaluation, audit · 4 cli (imported by nobody).
 ``flwr`` only under ``fedfew_med/flower/``; ``opacus`` only in the DP module;
 algorithms are pure torch (no I/O libraries, no higher layers).
 """
@@ -25,7 +25,7 @@ LAYER = {
     "metrics": 1,
     "training": 2,
     "dp": 2,
-    "audit": 2,
+    "audit": 3,
     "checkpoint": 2,
     "runtime": 2,
     "privacy": 2,

@@ -160,6 +160,23 @@ class Run:
             self._reports[key] = self._report(site, n_resamples=n_resamples, level=level, seed=seed)
         return self._reports[key]
 
+    def deployed_predictions(self, site: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """``site``'s deployed model (chosen as the run does) applied to one of its splits.
+
+        Returns
+        -------
+        probs, targets, model_index
+            As :meth:`fedfew_med.training.SiteWork.predict` (records in the split's stored order),
+            and the deployed server model's index (None for a site-local model).
+        """
+        if site not in self._runtimes:
+            raise KeyError(f"{self.run_dir}: no site {site!r}; the sites are {', '.join(self.sites)}")
+        rt = self._runtimes[site]
+        work = rt.work(self.round, rt.state.copy())  # as SiteRuntime.evaluate: the real state stays untouched
+        dep = self.algorithm.deploy(site, self.server_models, work)
+        probs, targets = work.predict(dep.params, slot=dep.slot, split=split)
+        return probs, targets, dep.model_index
+
     def _report(self, site: str, *, n_resamples: int, level: float, seed: int) -> SiteReport:
         rt = self._runtimes[site]
         work = rt.work(self.round, rt.state.copy())  # as SiteRuntime.evaluate: the real state stays untouched

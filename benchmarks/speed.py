@@ -1,0 +1,293 @@
+"""Speed benchmark: what fedfew-med costs on top of the training it runs.
+
+Every figure is a ratio or a measurement taken within one run of this script:
+
+- framework overhead: one FedFew round through the simulator (send, local training of
+  K copies per site, validation, streaming aggregation) divided by a bare PyTorch loop
+  doing the same local training on the same tensors (target <= 1.05);
+- scaling: round time and server peak memory for M sites with K = 3 on a small model;
+  the server folds replies in as they arrive, so its memory grows with K, not M;
+- data loading: share of a round spent waiting on data (target < 10%);
+- DP overhead: time per local epoch with Opacus (hooks and ghost clipping) divided by
+  the same epoch without DP (when the DP module is present).
+
+Usage::
+
+    python benchmarks/speed.py            # full
+    python benchmarks/speed.py --quick    # a minute or two on 2 cores (CI smoke test)
+
+Writes ``benchmarks/results/speed.json`` and ``speed.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedfew_med.algorithms import SiteReply  # noqa: E402
+from fedfew_med.config import federation_from_dict, load_federation  # noqa: E402
+from fedfew_med.data import build_sites  # noqa: E402
+from fedfew_med.runtime import ModelFacts, ServerRuntime, make_algorithm  # noqa: E402
+from fedfew_med.simulation import Federation  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DEMO = ROOT / "site_configs" / "demo_federation.toml"
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures came from."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def simulator_round(fed: Federation, r: int) -> None:
+    """One round through the simulator's own path, without evaluation."""
+    info = fed.round_info(r, fed.participants(r))
+    step = fed.server.begin_aggregation(info)
+    for site in info.participants:
+        reply, _ = fed.site_step(site, info)
+        step.add(site, reply)
+    fed.server.finish(step)
+
+
+def bare_round(fed: Federation, r: int) -> None:
+    """The same local training written as a plain PyTorch loop over the same tensors."""
+    cfg = fed.config.training
+    for site in fed.sites.values():
+        ds = site.data.splits["train"]
+        x, y = ds.images, ds.labels  # type: ignore[attr-defined]
+        net = site.network
+        for k, model in enumerate(fed.server.models):
+            net.load_state_dict(model, strict=False)
+            net.train()
+            opt = torch.optim.SGD(net.parameters(), lr=cfg.lr)
+            g = torch.Generator().manual_seed(r * 1000 + k)
+            for _ in range(cfg.local_epochs):
+                order = torch.randperm(len(x), generator=g)
+                for i in range(0, len(x), cfg.batch_size):
+                    idx = order[i : i + cfg.batch_size]
+                    opt.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+                    opt.step()
+            _ = {n: p.detach().clone() for n, p in net.named_parameters()}  # the returned copy
+
+
+def overhead(rounds: int) -> dict[str, Any]:
+    """Median simulator round time / median bare-loop round time, interleaved to share drift."""
+    cfg = load_federation(DEMO)
+    fed = Federation(cfg, build_sites(cfg.data))
+    simulator_round(fed, 0)
+    bare_round(fed, 0)  # warm-up
+    ours, bare = [], []
+    for r in range(1, rounds + 1):
+        t = time.perf_counter()
+        simulator_round(fed, r)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        bare_round(fed, r)
+        bare.append(time.perf_counter() - t)
+    return {
+        "simulator_round_s": statistics.median(ours),
+        "bare_round_s": statistics.median(bare),
+        "ratio": statistics.median(ours) / statistics.median(bare),
+        "rounds": rounds,
+        "federation": "demo (6 sites, K=3, MONAI Classifier 32x32)",
+    }
+
+
+class _TimedLoader:
+    """Iterates a DataLoader and adds the time spent waiting for each batch to ``acc[0]``."""
+
+    def __init__(self, loader: Any, acc: list[float]) -> None:
+        self.loader, self.acc = loader, acc
+
+    def __iter__(self) -> Any:
+        it = iter(self.loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                self.acc[0] += time.perf_counter() - t
+                return
+            self.acc[0] += time.perf_counter() - t
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def data_loading(config: Path, rounds: int) -> dict[str, Any]:
+    """Share of simulator rounds spent waiting for batches, measured inside the rounds themselves.
+
+    Every site's ``loader`` is wrapped so that each ``next(batch)`` is timed while the round runs
+    (training of the K copies and the loss passes); the share is that time over the round time.
+    The first round is untimed (it fills MONAI's cache of the deterministic transforms).
+    """
+    cfg = load_federation(config)
+    sites = build_sites(cfg.data, source=cfg.source)
+    acc = [0.0]
+    for site in sites:  # SiteData is frozen: the wrapper goes on the instance
+        original = site.loader
+        object.__setattr__(site, "loader", lambda *a, _o=original, **kw: _TimedLoader(_o(*a, **kw), acc))
+    fed = Federation(cfg, sites)
+    simulator_round(fed, 0)
+    acc[0] = 0.0
+    total = 0.0
+    for r in range(1, rounds + 1):
+        t = time.perf_counter()
+        simulator_round(fed, r)
+        total += time.perf_counter() - t
+    return {"fetch_s": acc[0], "round_s": total, "share": acc[0] / total, "rounds": rounds,
+            "federation": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
+            "records": sum(s.size("train") for s in sites)}
+
+
+def _scaling_child(num_sites: int, k: int) -> dict[str, Any]:
+    """Run in a fresh process: M tiny sites train and reply one after another; report time and peak RSS."""
+    cfg = federation_from_dict(
+        {
+            "run": {"rounds": 1, "seed": 0},
+            "algorithm": {"name": "fedfew", "params": {"k": k}},
+            "training": {"batch_size": 8, "lr": 0.05},
+            # the pFL two-convolution CNN at 16 x 16: ~2.3 MB of parameters, so buffering M x K replies would show
+            "model": {"name": "smallcnn", "params": {"hidden": 512}},
+            "data": {"name": "synthetic", "params": {"num_sites": 1, "image_size": 16, "train_min": 8, "train_max": 8,
+                                                      "test_per_site": 4, "val_fraction": 0.0}},
+        }
+    )
+    site = build_sites(cfg.data)[0]
+    algorithm, models = make_algorithm(cfg, ModelFacts.of(site))
+    server = ServerRuntime(cfg, algorithm, models)
+    fed = Federation(cfg, [site])
+    runtime = fed.sites[site.name]
+    names = [f"site{i:05d}" for i in range(num_sites)]
+    info = server.round_info(0, {n: 8 for n in names})
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    step = server.begin_aggregation(info)
+    for n in names:  # every site trains its K copies on its own (here: identical, tiny) data and replies
+        sent = server.models_for(n, info)
+        reply = algorithm.local_round(n, info, sent, runtime.work(0))
+        step.add(n, SiteReply(num_samples=reply.num_samples, losses=reply.losses, models=reply.models))
+    server.finish(step)
+    seconds = time.perf_counter() - t
+    model_bytes = sum(t.numel() * t.element_size() for t in models[0].values())
+    return {
+        "sites": num_sites,
+        "k": k,
+        "round_s": seconds,
+        "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
+        "model_kb": model_bytes / 1024,
+        "replies_if_buffered_mb": num_sites * k * model_bytes / 2**20,
+    }
+
+
+def scaling(sizes: list[int], k: int) -> list[dict[str, Any]]:
+    """Each M in its own process, so peak RSS is that run's own."""
+    rows = []
+    for m in sizes:
+        out = subprocess.run(
+            [sys.executable, __file__, "--scaling-child", str(m), "--k", str(k), "--threads", str(torch.get_num_threads())],
+            capture_output=True, text=True, check=True,
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def dp_overhead(epochs: int) -> dict[str, Any] | None:
+    """Time per local epoch with DP (hooks, ghost) / without, if the DP module provides the timing."""
+    try:
+        from fedfew_med.dp import benchmark_epoch_times
+    except ImportError as exc:
+        print(f"DP overhead skipped: fedfew_med.dp.benchmark_epoch_times is not available ({exc})", file=sys.stderr)
+        return None
+    return dict(benchmark_epoch_times(DEMO, epochs=epochs))
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    o, d = res["overhead"], res["data_loading"]
+    lines = [
+        "# Speed benchmark",
+        "",
+        f"Machine: {res['machine']['platform']}, {res['machine']['cpus']} CPUs, {res['machine']['threads']} torch thread(s), "
+        f"torch {res['machine']['torch']}.",
+        f"Command: `python benchmarks/speed.py{' --quick' if res['quick'] else ''}`.",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| framework overhead (simulator round / bare PyTorch loop) | {o['ratio']:.3f} ({o['simulator_round_s']:.3f} s / {o['bare_round_s']:.3f} s) | <= 1.05 |",
+        f"| data loading share of a round ({d['federation']}, {d['records']} training records) | {100 * d['share']:.1f}% "
+        f"({d['fetch_s']:.2f} s of {d['round_s']:.2f} s) | < 10% |",
+    ]
+    if res.get("dp"):
+        for mode, ratio in res["dp"]["ratios"].items():
+            fastest = res["dp"].get("ratios_min", {}).get(mode)
+            extra = f" (fastest epochs: {fastest:.2f})" if fastest is not None else ""
+            lines.append(f"| DP overhead, {mode} (median epoch time / non-DP) | {ratio:.2f}{extra} | |")
+    else:
+        lines.append("| DP overhead | not measured (fedfew_med.dp.benchmark_epoch_times unavailable) | |")
+    model_kb = res["scaling"][0]["model_kb"] if res["scaling"] else 0.0
+    lines += ["", f"Scaling (K = 3, smallcnn of {model_kb / 1024:.1f} MB, 8 records per site, one round, replies folded in as they "
+              "arrive; peak RSS growth of the whole process during the round, sites included):", "",
+              "| sites M | round time (s) | server peak RSS growth (MB) | all replies buffered would be (MB) |", "|---|---|---|---|"]
+    for row in res["scaling"]:
+        lines.append(f"| {row['sites']} | {row['round_s']:.2f} | {row['peak_rss_growth_mb']:.1f} | {row['replies_if_buffered_mb']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sites (CI smoke test)")
+    parser.add_argument("--scaling-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on shared cores)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="site counts M for the scaling figure")
+    parser.add_argument("--data-config", type=Path, default=None,
+                        help="federation for the data-loading share (default: the Br35H demo if data/br35h exists, else the synthetic demo)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.scaling_child:
+        print(json.dumps(_scaling_child(args.scaling_child, args.k)))
+        return
+    quick = args.quick
+    res: dict[str, Any] = {"machine": machine(), "quick": quick}
+    res["overhead"] = overhead(rounds=3 if quick else 10)
+    data_config = args.data_config
+    if data_config is None:
+        br35h = ROOT / "site_configs" / "br35h_federation.toml"
+        data_config = br35h if not quick and (ROOT / "data" / "br35h" / "federation.toml").exists() else DEMO
+    res["data_loading"] = data_loading(data_config, rounds=2 if quick else 3)
+    res["scaling"] = scaling(args.sizes or ([10, 100] if quick else [10, 100, 1000]), k=3)
+    res["dp"] = dp_overhead(epochs=1 if quick else 3)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "speed_quick" if quick else "speed"
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{name}.md").write_text(to_markdown(res))
+    print(to_markdown(res))
+
+
+if __name__ == "__main__":
+    main()

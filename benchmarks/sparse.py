@@ -105,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Only one class is present")
+    warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")  # label-skewed sites
     seeds = args.seeds[:1] if args.quick else args.seeds
     t0 = time.perf_counter()
     dataset = DATASETS[args.dataset](args.data_dir.resolve(), args.quick, args)
@@ -127,9 +128,9 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"sparse_{dataset.name}{'_quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(res))
-    plot(res, stem.with_suffix(".png"))
+    Path(f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(to_markdown(res))
+    plot(res, Path(f"{stem}.png"))  # names hold dots (alpha 0.5): no with_suffix
     print(to_markdown(res))
     print(f"wrote {stem}.json/.md/.png")
 

@@ -198,6 +198,18 @@ code{font-size:.85em}
 """
 
 
+LOADED_SCRIPT = (
+    "<script>window.addEventListener('load',function(){var n=0;document.querySelectorAll('img.plot').forEach("
+    "function(i){if(i.complete&&i.naturalWidth>0){n++;}});document.body.dataset.plotsLoaded=String(n);});</script>"
+)
+"""Inline (no network): marks ``<body data-plots-loaded="N">`` with the plots the browser decoded."""
+
+
+def _embedded_json(report: Mapping[str, Any]) -> str:
+    """The report as JSON that cannot close its ``<script>`` element (``</`` becomes the equivalent ``<\\/``)."""
+    return json.dumps(report, sort_keys=True).replace("</", "<\\/")
+
+
 def render(report: Mapping[str, Any]) -> str:
     """The whole report as one HTML document."""
     run = report["run"]
@@ -228,7 +240,8 @@ def render(report: Mapping[str, Any]) -> str:
         f"models.safetensors SHA-256: <code data-key='digests.models_sha256'>{html.escape(str(dig['models_sha256']))}</code><br>"
         f"all digests recomputed and equal to the recorded ones: <strong>{_fmt(dig['verified'])}</strong></p>",
         _table(["checkpoint round", "SHA-256", "verified"], ck_rows, "digests"),
-        f'<script type="application/json" id="report-data">{html.escape(json.dumps(report, sort_keys=True), quote=False)}</script>',
+        '<script type="application/json" id="report-data">' + _embedded_json(report) + "</script>",
+        LOADED_SCRIPT,
         "</body></html>",
     ]
     return "\n".join(parts)

@@ -417,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--fmnist-root", type=Path, default=None, help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--rounds", type=int, default=None, help="override the data set's rounds (e.g. 1 for a smoke test)")
-    parser.add_argument("--methods", nargs="+", default=None, help="run only the methods whose label starts with one of these")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (a label, or its name before ' K=': fedfew, ifca)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on shared cores, 2 threads made a logistic-regression run 20x slower)")
     parser.add_argument("--fmnist-records", type=int, default=None, help="use a random subset of this many records")
@@ -440,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dataset.config = dataset.with_overrides([])
     grid = method_grid(dataset, ks=ks, quick=args.quick)
     if args.methods:
-        grid = [c for c in grid if any(c.method.startswith(m) for m in args.methods)]
+        grid = [c for c in grid if any(c.method == m or c.method.startswith(m + " ") for m in args.methods)]
     print(f"{dataset.description}: {len(dataset.sites)} sites, {len(grid)} configurations x {len(seeds)} seeds", flush=True)
     methods = run_grid(dataset, grid, seeds, lambda s: print(s, flush=True))
     res: dict[str, Any] = {

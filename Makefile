@@ -9,7 +9,7 @@ DEMO_CONFIG ?= site_configs/br35h_federation.toml
 BR35H_DIR   := data/br35h
 BR35H_READY := $(BR35H_DIR)/federation.toml
 
-.PHONY: venv data demo test test-slow lint typecheck check clean notebooks notebook-runs
+.PHONY: venv data demo bench bench-quick test test-slow lint typecheck check clean notebooks notebook-runs
 
 venv: $(STAMP)
 
@@ -61,3 +61,13 @@ notebook-runs: $(NOTEBOOK_RUNS)
 notebooks: notebook-runs
 	mkdir -p runs/notebooks
 	cd notebooks && for nb in $(NOTEBOOKS); do ../$(BIN)/jupyter-execute $$nb.ipynb --output=../runs/notebooks/$$nb || exit 1; done
+
+# Benchmarks: scripts that print figures and write benchmarks/results/ (see README "Benchmarks").
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/quality.py --dataset heart --quick
+	$(BIN)/python benchmarks/sparse.py --dataset demo --quick
+	$(BIN)/python benchmarks/speed.py --quick
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/quality.py --dataset heart
+	$(BIN)/python benchmarks/speed.py

@@ -27,16 +27,14 @@ steps, accountant, mechanisms), and ``server_privacy`` under ``[server_privacy]`
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedfew_med import checkpoint
+from fedfew_med import checkpoint, rundir
 from fedfew_med.algorithms import Params, RoundInfo, SiteReply
 from fedfew_med.algorithms.base import ServerStep
 from fedfew_med.config import FederationConfig
@@ -46,6 +44,7 @@ from fedfew_med.dp.ledger import LedgerStateError
 from fedfew_med.dp.server import ServerDP
 from fedfew_med.dp.site import SitePrivacy
 from fedfew_med.metrics import PRIMARY, summarize
+from fedfew_med.rundir import RunDirError
 from fedfew_med.runtime import (
     ModelFacts,
     ServerRuntime,
@@ -59,10 +58,6 @@ from fedfew_med.runtime import (
 from fedfew_med.training import SiteState, SiteWork
 
 log = logging.getLogger(__name__)
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked (exists, or does not match the config)."""
 
 
 @dataclass
@@ -179,59 +174,16 @@ class Federation:
         return {name: self.sites[name].evaluate(self.server.models, round_idx) for name in sorted(self.sites)}
 
 
-def _prepare_run_dir(run_dir: Path, config: FederationConfig, *, resume: bool, overwrite: bool) -> checkpoint.Checkpoint | None:
-    has_ckpt = checkpoint.latest_round(run_dir) is not None if run_dir.exists() else False
-    if resume:
-        ckpt = checkpoint.load(run_dir) if has_ckpt else None
-        if ckpt is None:
-            log.warning("%s has no checkpoint to resume from; starting at round 0", run_dir)
-        elif ckpt.state.get("config_digest") != config.digest():
-            raise RunDirError(f"{run_dir}: the checkpoint was made with a different config; resume with the run's own config.json")
-        if ckpt is not None:
-            return ckpt
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    (run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
-    return None
-
-
 def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The final summary: per-site deployed metrics, mean / worst / Jain, model use, traffic."""
-    primary = PRIMARY[fed.task]
-    per_site = {s: e["metrics"][primary] for s, e in evaluation.items()}
-    traffic: dict[str, dict[str, int]] = {s: {"sent": 0, "received": 0} for s in fed.sites}
-    for rec in records:
-        for s, b in rec["bytes"].items():
-            traffic[s]["sent"] += b["sent"]
-            traffic[s]["received"] += b["received"]
-    out: dict[str, Any] = {
-        "algorithm": fed.config.algorithm.name,
-        "num_models": fed.server.algorithm.num_models,
-        "rounds": len(records),
-        "metric": primary,
-        "per_site": {
-            s: {
-                "metric": per_site[s],
-                "model": evaluation[s]["model"],
-                "metrics": evaluation[s]["metrics"],
-                "protocol": fed.sites[s].data.metadata.get("protocol"),
-                "n_train": fed.sites[s].data.size("train"),
-                **({"metric_finetuned": evaluation[s]["metrics_finetuned"][primary]} if "metrics_finetuned" in evaluation[s] else {}),
-            }
-            for s in sorted(evaluation)
-        },
-        "summary": summarize(per_site),
-        "bytes_total": traffic,
-        "failures": {str(r["round"]): r["failures"] for r in records if r["failures"]},
-        "config_digest": fed.config.digest(),
-    }
-    if any("metrics_finetuned" in e for e in evaluation.values()):
-        out["summary_finetuned"] = summarize({s: e["metrics_finetuned"][primary] for s, e in evaluation.items()})
-    return out
+    """The final summary (:func:`fedfew_med.rundir.summarize_run`) of ``fed``'s run."""
+    return rundir.summarize_run(
+        config=fed.config,
+        task=fed.task,
+        num_models=fed.server.algorithm.num_models,
+        sites={s: {"n_train": r.data.size("train"), "protocol": r.data.metadata.get("protocol")} for s, r in fed.sites.items()},
+        records=records,
+        evaluation=evaluation,
+    )
 
 
 def _no_update(fed: Federation) -> ServerStep:
@@ -271,7 +223,7 @@ def run(
     run_dir = Path(run_dir)
     cb = callbacks or Callbacks()
     fed = Federation(config, sites if sites is not None else build_sites(config.data, source=config.source))
-    ckpt = _prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+    ckpt = rundir.open_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
     start = 0
     history: list[dict[str, Any]] = []
     if ckpt is not None:

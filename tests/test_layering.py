@@ -28,6 +28,7 @@ LAYER = {
     "audit": 3,
     "checkpoint": 2,
     "runtime": 2,
+    "rundir": 2,
     "privacy": 2,
     "simulation": 3,
     "flower": 3,

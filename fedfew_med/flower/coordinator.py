@@ -211,9 +211,7 @@ class Coordinator:
             start = ckpt.round + 1
             history = checkpoint.truncate_records(run_dir / "metrics.jsonl", ckpt.round)
             log.info("resuming %s after round %d", run_dir, ckpt.round)
-        else:
-            if st.resume:
-                log.warning("%s has no checkpoint to resume from; starting at round 0", run_dir)
+        else:  # (a resume without a checkpoint is logged by rundir.prepare)
             self.run_key = f"{re.sub(r'[^A-Za-z0-9._-]', '-', cfg.run.name)}-{uuid.uuid4().hex[:12]}"
         end = cfg.run.rounds if not st.stop_after else min(cfg.run.rounds, start + st.stop_after)
         self._await_nodes(max(st.min_sites, st.expected_sites))

@@ -1,0 +1,123 @@
+"""Opening a run directory and summarising a finished run, shared by every runner.
+
+The in-process simulation (:mod:`fedfew_med.simulation`) and the Flower coordinator
+(:mod:`fedfew_med.flower.coordinator`) write the same run directory: ``config.json``
+(resolved config), ``metrics.jsonl`` (one record per completed round), ``checkpoints/``
+(:mod:`fedfew_med.checkpoint`), and at the end ``models.safetensors`` and ``summary.json``.
+They may not import each other, so what both need lives here, one layer below them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedfew_med import checkpoint
+from fedfew_med.config import FederationConfig
+from fedfew_med.metrics import PRIMARY, summarize
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunDirError", "open_run_dir", "summarize_run"]
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (exists, is in use, or holds another config)."""
+
+
+def open_run_dir(
+    run_dir: Path,
+    config: FederationConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    occupied_hint: str = "pass --resume to continue it or --overwrite to replace it",
+) -> checkpoint.Checkpoint | None:
+    """Open ``run_dir`` for a new run (returns None) or a resumed one (returns its last checkpoint).
+
+    Parameters
+    ----------
+    run_dir
+        The run directory.
+    config
+        The run's config; a resumed checkpoint must carry its digest.
+    resume
+        Continue from the last checkpoint (a directory without one starts at round 0, with a warning).
+    overwrite
+        Replace a directory that already holds a run (ignored with ``resume``).
+    occupied_hint
+        How the caller's user resumes or overwrites, for the error on an occupied directory.
+
+    Raises
+    ------
+    RunDirError
+        The directory holds a run and neither ``resume`` nor ``overwrite`` was asked for, or its
+        checkpoint was made with a different config.
+    """
+    has_ckpt = checkpoint.latest_round(run_dir) is not None if run_dir.exists() else False
+    if resume:
+        ckpt = checkpoint.load(run_dir) if has_ckpt else None
+        if ckpt is not None:
+            if ckpt.state.get("config_digest") != config.digest():
+                raise RunDirError(f"{run_dir}: the checkpoint was made with a different config; resume with the run's own config.json")
+            return ckpt
+        log.warning("%s has no checkpoint to resume from; starting at round 0", run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"{run_dir} already holds a run; {occupied_hint}")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    (run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+    return None
+
+
+def summarize_run(
+    *,
+    config: FederationConfig,
+    task: str,
+    num_models: int,
+    sites: Mapping[str, Mapping[str, Any]],
+    records: Sequence[Mapping[str, Any]],
+    evaluation: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The final summary: per-site deployed metrics, mean / worst / Jain, model use, traffic.
+
+    ``sites`` maps every site to ``{"n_train": int, "protocol": str | None}``.
+    """
+    primary = PRIMARY[task]
+    per_site = {s: e["metrics"][primary] for s, e in evaluation.items()}
+    traffic: dict[str, dict[str, int]] = {s: {"sent": 0, "received": 0} for s in sites}
+    for rec in records:
+        for s, b in rec["bytes"].items():
+            traffic.setdefault(s, {"sent": 0, "received": 0})
+            traffic[s]["sent"] += b["sent"]
+            traffic[s]["received"] += b["received"]
+    out: dict[str, Any] = {
+        "algorithm": config.algorithm.name,
+        "num_models": num_models,
+        "rounds": len(records),
+        "metric": primary,
+        "per_site": {
+            s: {
+                "metric": per_site[s],
+                "model": evaluation[s]["model"],
+                "metrics": evaluation[s]["metrics"],
+                "protocol": sites.get(s, {}).get("protocol"),
+                "n_train": sites.get(s, {}).get("n_train"),
+                **({"metric_finetuned": evaluation[s]["metrics_finetuned"][primary]} if "metrics_finetuned" in evaluation[s] else {}),
+            }
+            for s in sorted(evaluation)
+        },
+        "summary": summarize(per_site),
+        "bytes_total": traffic,
+        "failures": {str(r["round"]): r["failures"] for r in records if r["failures"]},
+        "config_digest": config.digest(),
+    }
+    if any("metrics_finetuned" in e for e in evaluation.values()):
+        out["summary_finetuned"] = summarize({s: e["metrics_finetuned"][primary] for s, e in evaluation.items()})
+    return out

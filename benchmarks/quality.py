@@ -399,6 +399,22 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def write_results(
+    res: dict[str, Any],
+    stem: Path,
+    markdown: Callable[[dict[str, Any]], str],
+    draw: Callable[[dict[str, Any], Path], None],
+) -> None:
+    """Write ``<stem>.json``, ``.md`` and ``.png`` for ``res`` and print the Markdown table."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    table = markdown(res)
+    Path(f"{stem}.md").write_text(table)
+    draw(res, Path(f"{stem}.png"))  # names hold dots (alpha 0.5): no with_suffix
+    print(table)
+    print(f"wrote {stem}.json/.md/.png")
+
+
 def machine() -> str:
     import os
     import platform
@@ -459,13 +475,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "wall_seconds": time.perf_counter() - t0,
         **dataset.meta,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"quality_{dataset.name}{'_quick' if args.quick else ''}"
-    Path(f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(to_markdown(res))
-    plot(res, Path(f"{stem}.png"))  # names hold dots (alpha 0.5): no with_suffix
-    print(to_markdown(res))
-    print(f"wrote {stem}.json/.md/.png")
+    write_results(res, args.out / f"quality_{dataset.name}{'_quick' if args.quick else ''}", to_markdown, plot)
 
 
 if __name__ == "__main__":

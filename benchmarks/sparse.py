@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import DATASETS, RESULTS, ROOT, Config, aggregate, machine, run_one  # noqa: E402
+from quality import DATASETS, RESULTS, ROOT, Config, aggregate, machine, run_one, write_results  # noqa: E402
 
 from fedfew_med.metrics import PRIMARY  # noqa: E402
 
@@ -126,13 +126,7 @@ def main() -> None:
         "rounds": dataset.config.run.rounds, "metric": PRIMARY[dataset.sites[0].task], "machine": machine(),
         "threads": args.threads, "methods": methods, "wall_seconds": time.perf_counter() - t0,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"sparse_{dataset.name}{'_quick' if args.quick else ''}"
-    Path(f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(to_markdown(res))
-    plot(res, Path(f"{stem}.png"))  # names hold dots (alpha 0.5): no with_suffix
-    print(to_markdown(res))
-    print(f"wrote {stem}.json/.md/.png")
+    write_results(res, args.out / f"sparse_{dataset.name}{'_quick' if args.quick else ''}", to_markdown, plot)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,11 @@ and Fashion-MNIST federation on 2 cores; these full runs have not been made yet.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -278,9 +281,34 @@ def validation_scores(config: FederationConfig, sites: Sequence[SiteData], run_d
     return out
 
 
-def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path) -> dict[str, Any]:
-    """One run: test summary, per-site test and validation metrics, bytes per round, wall time."""
+def cache_key(dataset: Dataset, config: FederationConfig) -> str:
+    """What a run's result depends on: the data set (its sites) and the whole run config."""
+    blob = json.dumps({"dataset": dataset.name, "sites": [(s.name, s.size("train"), s.size("val"), s.size("test")) for s in dataset.sites],
+                       "meta": dataset.meta, "config": config.digest(), "torch": torch.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | None = None) -> dict[str, Any]:
+    """One run: test summary, per-site test and validation metrics, bytes per round, wall time.
+
+    With ``cache``, a finished run's result is kept as ``<cache>/<key>.json`` (key: :func:`cache_key`)
+    and reused, so a benchmark stopped after some configurations continues where it stopped, and
+    several invocations with disjoint ``--methods`` can share the work.
+    """
     config = dataset.with_overrides([*cfg.overrides, f"run.seed={seed}", f"run.eval_every={10**6}"])
+    cached = cache / f"{cache_key(dataset, config)}.json" if cache is not None else None
+    if cached is not None and cached.is_file():
+        return {**json.loads(cached.read_text()), "cached": True}
+    out = _run_uncached(dataset, cfg, config, seed, tmp)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        part = cached.with_suffix(".part")
+        part.write_text(json.dumps(out) + "\n")  # without a "cached" flag: only reuse sets it
+        os.replace(part, cached)  # atomic: a killed benchmark never leaves half a result
+    return out
+
+
+def _run_uncached(dataset: Dataset, cfg: Config, config: FederationConfig, seed: int, tmp: Path) -> dict[str, Any]:
     run_dir = tmp / f"{cfg.method}-{cfg.setting}-{seed}".replace(" ", "_").replace("=", "")
     t = time.perf_counter()
     result = run(config, run_dir=run_dir, sites=dataset.sites, overwrite=True)
@@ -312,12 +340,13 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log: Callable[[str], None]) -> dict[str, Any]:
+def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log: Callable[[str], None],
+             cache: Path | None = None) -> dict[str, Any]:
     """Every configuration on every seed; per method the configuration with the best validation mean."""
     by_config: dict[Config, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, cfg in enumerate(grid):
-            runs = [run_one(dataset, cfg, seed, Path(tmp)) for seed in seeds]
+            runs = [run_one(dataset, cfg, seed, Path(tmp), cache) for seed in seeds]
             by_config[cfg] = {**aggregate(runs), "per_seed": runs}
             row = by_config[cfg]
             log(f"[{i + 1}/{len(grid)}] {cfg.method:<12} {cfg.setting:<20} test {row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} "
@@ -330,6 +359,9 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
     for name, row in methods.items():
         row["grid"] = {c.setting: {"test_mean": r["mean"], "val_mean": r["val_mean"], "worst": r["worst"]}
                        for c, r in by_config.items() if c.method == name}
+        runs = [x for c, r in by_config.items() if c.method == name for x in r["per_seed"]]
+        row["run_seconds"] = sum(x["seconds"] for x in runs)
+        row["cached_runs"] = sum(bool(x.get("cached")) for x in runs)
     return methods
 
 
@@ -349,7 +381,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         "",
         f"{res['command']} — {len(res['seeds'])} seed(s) {res['seeds']}, {res['rounds']} rounds, metric: {metric} on each "
         f"site's test split; configurations chosen on the validation slice. Machine: {res['machine']}. "
-        f"torch threads: {res.get('threads')}. Wall time of the whole benchmark: {res['wall_seconds'] / 60:.1f} min.",
+        f"torch threads: {res.get('threads')}. Run time: {res.get('run_seconds_total', res['wall_seconds']) / 60:.1f} min "
+        f"(sum over every run{', some reused from the run cache' if res.get('cached_runs') else ''}).",
         "",
         f"| method | selected | mean {metric} ± std over seeds | worst site | Jain | bytes/round | s/run |",
         "|---|---|---|---|---|---|---|",
@@ -437,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on shared cores, 2 threads made a logistic-regression run 20x slower)")
     parser.add_argument("--fmnist-records", type=int, default=None, help="use a random subset of this many records")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "bench-cache",
+                        help="finished runs are kept here and reused (a stopped benchmark continues; never committed)")
+    parser.add_argument("--no-cache", action="store_true", help="run everything again")
     args = parser.parse_args(argv)
     if args.list:
         for name in DATASETS:
@@ -458,11 +494,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.methods:
         grid = [c for c in grid if any(c.method == m or c.method.startswith(m + " ") for m in args.methods)]
     print(f"{dataset.description}: {len(dataset.sites)} sites, {len(grid)} configurations x {len(seeds)} seeds", flush=True)
-    methods = run_grid(dataset, grid, seeds, lambda s: print(s, flush=True))
+    cache = None if args.no_cache else args.cache_dir / f"quality_{dataset.name}{'_quick' if args.quick else ''}"
+    methods = run_grid(dataset, grid, seeds, lambda s: print(s, flush=True), cache)
     res: dict[str, Any] = {
         "dataset": dataset.name,
         "description": dataset.description,
-        "command": f"`python benchmarks/quality.py --dataset {args.dataset}{' --quick' if args.quick else ''}`",
+        "command": "`python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
         "quick": args.quick,
         "seeds": seeds,
         "rounds": dataset.config.run.rounds,
@@ -473,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "methods": methods,
         "published": FLAMBY_PUBLISHED if dataset.name == "heart" else None,
         "wall_seconds": time.perf_counter() - t0,
+        "run_seconds_total": sum(m["run_seconds"] for m in methods.values()),
+        "cached_runs": sum(m["cached_runs"] for m in methods.values()),
         **dataset.meta,
     }
     write_results(res, args.out / f"quality_{dataset.name}{'_quick' if args.quick else ''}", to_markdown, plot)

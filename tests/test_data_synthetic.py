@@ -37,3 +37,30 @@ def test_build_sites_validates_options():
         build_sites(NamedConfig(name="synthetic", params={"num_sites": 0}), source="f.toml")
     with pytest.raises(ConfigError, match=r"\[data\].name must be one of"):
         build_sites(NamedConfig(name="mnist"), source="f.toml")
+
+
+@pytest.mark.parametrize(("task", "batch_size", "shuffled"), [("classification", 7, True), ("segmentation", 4, True), ("classification", 64, False)])
+def test_batched_fetch_equals_per_record_collation(task, batch_size, shuffled):
+    """SiteData.loader fetches in-memory batches with one index; the batches equal PyTorch's per-record default."""
+    from torch.utils.data import DataLoader
+
+    site = make_synthetic_federation(SyntheticOptions(num_sites=1, image_size=16, train_min=30, train_max=30, task=task, seed=3))[0]
+    ds = site.splits["train"]
+
+    class PerRecord(torch.utils.data.Dataset):  # the same records without __getitems__
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return ds[i]
+
+    def gen():
+        return torch.Generator().manual_seed(11) if shuffled else None
+
+    ours = list(site.loader("train", batch_size=batch_size, generator=gen()))
+    reference = list(DataLoader(PerRecord(), batch_size=batch_size, shuffle=shuffled, generator=gen()))
+    assert len(ours) == len(reference) == -(-len(ds) // batch_size)
+    for a, b in zip(ours, reference, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])

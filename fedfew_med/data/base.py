@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 Split = Literal["train", "val", "test"]
 Task = Literal["classification", "segmentation", "tabular"]
@@ -71,4 +71,16 @@ class SiteData:
             shuffle=generator is not None,
             generator=generator,
             num_workers=0,  # sites run one after another in one process; workers would only add start-up
+            collate_fn=collate,
         )
+
+
+def collate(batch: Any) -> Any:
+    """Collate a list of records, or pass through a batch a dataset's ``__getitems__`` already stacked.
+
+    In-memory datasets (``TensorDictDataset``) fetch a whole batch with one tensor index; every
+    other dataset (MONAI's) returns a list of records, collated as PyTorch's default does.
+    """
+    if isinstance(batch, Mapping):
+        return batch
+    return default_collate(batch)

@@ -81,6 +81,15 @@ class TensorDictDataset(Dataset[dict[str, torch.Tensor]]):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"image": self.images[index], "label": self.labels[index]}
 
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch by one tensor index (DataLoader's batched fetch; see :func:`~fedfew_med.data.base.collate`).
+
+        The values equal stacking ``self[i]`` for ``i`` in ``indices`` bit for bit; one gather
+        instead of a Python loop and a ``torch.stack`` per batch.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {"image": self.images[idx], "label": self.labels[idx]}
+
 
 def _blob(size: int, radius: tuple[int, int], rs: np.random.RandomState) -> np.ndarray:
     """A single filled circle as a boolean (H, W) mask, placed at random."""

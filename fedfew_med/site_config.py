@@ -6,7 +6,7 @@ labels are, what the labels mean, how to preprocess and how to split::
     [site]           name, task (classification | segmentation | tabular)
     [source]         kind (nifti_folder | dicom_series | images_csv | msd_datalist | tabular_csv),
                      root, csv, image_column, label_column, split_column, feature_columns,
-                     images, labels, datalist, datalist_key
+                     images, labels, datalist, datalist_key, links
     [labels]         names (value i means names[i]; at least two)
     [preprocessing]  spatial_size, spacing, orientation, intensity, a_min, a_max,
                      crop_foreground, patches_per_image, augment, cache, channels
@@ -14,16 +14,28 @@ labels are, what the labels mean, how to preprocess and how to split::
                      its train rows when it marks none as val)
     [privacy]        any table; validated by the DP module
 
-``root`` is relative to the site file's folder. Every other path is relative to
-``root`` (a path written relative to the site file's folder is accepted too) and
-must stay inside ``root``. Every error is a :class:`ConfigError` naming file,
-key, expectation and value, e.g.::
+``root`` is the site's data root, relative to the site file's folder. Every
+other path (keys of ``[source]``, CSV rows, datalist entries, the files found in
+``images`` and ``labels``) is relative to ``root`` (a path written relative to the
+site file's folder is accepted too) and must stay inside ``root`` once ``..`` and
+symbolic links are resolved: ``../../etc/passwd``, an absolute path elsewhere and a
+symlink pointing out of ``root`` are all refused. Data kept elsewhere and linked
+into ``root`` is allowed only where ``[source].links`` lists the folder the links
+point into (absolute, or relative to the site file's folder).
 
-    site0.toml: [source].csv must name an existing file inside root, got 'x.csv'
+Numbers have upper bounds (:data:`MAX_AXIS`, :data:`MAX_VOXELS`,
+:data:`MAX_PATCHES`, :data:`MAX_SEED`...) so that a typing slip (``spatial_size =
+[100000, 100000]``) is refused at load time instead of exhausting memory later.
+Every error is a :class:`ConfigError` naming the site (when ``[site].name`` is
+readable), file, key, expectation and value, e.g.::
+
+    site0: site0.toml: [source].csv must name an existing file inside root, got 'x.csv'
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import types
@@ -39,6 +51,25 @@ SiteTask = Literal["classification", "segmentation", "tabular"]
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _AXES = ("LR", "AP", "SI")
 
+MAX_NAME = 64  # site names end up in file names, checkpoints and every log line
+MAX_AXIS = 4096  # voxels along one axis of spatial_size
+MAX_VOXELS = 512**3  # voxels of one resized image or patch (512 MiB as float32)
+MAX_SPACING = 1000.0  # millimetres per voxel
+MIN_SPACING = 1e-3  # a micrometre: finer than any scanner this toolkit reads
+MAX_INTENSITY = 1e30  # |a_min|, |a_max|: far beyond any stored intensity
+MAX_PATCHES = 1000  # patches per image and epoch
+MAX_SEED = 2**32 - 1
+MAX_CLASSES = 1000
+
+
+class SiteConfigError(ConfigError):
+    """A site file is invalid. ``site`` is its ``[site].name`` when readable, ``file`` the file as given."""
+
+    def __init__(self, message: str, *, site: str | None, file: str) -> None:
+        super().__init__(message)
+        self.site = site
+        self.file = file
+
 
 @dataclass(frozen=True)
 class SiteSection:
@@ -51,6 +82,7 @@ class SiteSection:
         require(
             bool(_NAME.fullmatch(self.name)), "name", "use only letters, digits, '-', '_' and '.'", self.name
         )
+        require(len(self.name) <= MAX_NAME, "name", f"have at most {MAX_NAME} characters", self.name)
 
 
 @dataclass(frozen=True)
@@ -70,6 +102,7 @@ class SourceSection:
     labels: str = "labelsTr"  # segmentation label volumes named <id>.nii.gz (or .nii)
     datalist: str = "dataset.json"  # msd_datalist
     datalist_key: str = "training"
+    links: tuple[str, ...] = ()  # folders outside root that symlinks inside root may point into
 
 
 @dataclass(frozen=True)
@@ -80,6 +113,9 @@ class LabelsSection:
 
     def __post_init__(self) -> None:
         require(len(self.names) >= 2, "names", "list at least two class names", list(self.names))
+        require(
+            len(self.names) <= MAX_CLASSES, "names", f"list at most {MAX_CLASSES} classes", len(self.names)
+        )
         require(len(set(self.names)) == len(self.names), "names", "not repeat a name", list(self.names))
         require(all(n.strip() for n in self.names), "names", "not contain empty names", list(self.names))
 
@@ -104,13 +140,25 @@ class PreprocessingSection:
         size = list(self.spatial_size)
         require(len(size) in (0, 2, 3), "spatial_size", "list 2 or 3 sizes", size)
         require(all(s >= 1 for s in size), "spatial_size", "contain integers >= 1", size)
+        require(all(s <= MAX_AXIS for s in size), "spatial_size", f"contain integers <= {MAX_AXIS}", size)
+        require(
+            math.prod(size) <= MAX_VOXELS,
+            "spatial_size",
+            f"hold at most {MAX_VOXELS} voxels (512**3), not {math.prod(size)}",
+            size,
+        )
         require(
             not self.spacing or len(self.spacing) == len(size),
             "spacing",
             f"list one voxel size per axis of spatial_size ({len(size)})",
             list(self.spacing),
         )
-        require(all(s > 0 for s in self.spacing), "spacing", "contain numbers > 0", list(self.spacing))
+        require(
+            all(MIN_SPACING <= s <= MAX_SPACING for s in self.spacing),
+            "spacing",
+            f"contain voxel sizes from {MIN_SPACING} to {MAX_SPACING} mm",
+            list(self.spacing),
+        )
         codes = self.orientation.upper()
         valid_codes = len(codes) == 3 and all(sum(c in pair for c in codes) == 1 for pair in _AXES)
         require(
@@ -122,10 +170,19 @@ class PreprocessingSection:
         windowed = self.intensity == "window"
         for key, value in (("a_min", self.a_min), ("a_max", self.a_max)):
             require((value is not None) == windowed, key, "be given exactly when intensity = 'window'", value)
+            require(
+                value is None or abs(value) <= MAX_INTENSITY,
+                key,
+                f"be a number from {-MAX_INTENSITY:g} to {MAX_INTENSITY:g}",
+                value,
+            )
         if self.a_min is not None and self.a_max is not None:
             require(self.a_min < self.a_max, "a_max", f"be > a_min ({self.a_min})", self.a_max)
         require(
-            self.patches_per_image >= 0, "patches_per_image", "be an integer >= 0", self.patches_per_image
+            0 <= self.patches_per_image <= MAX_PATCHES,
+            "patches_per_image",
+            f"be an integer from 0 to {MAX_PATCHES}",
+            self.patches_per_image,
         )
         require(self.channels in (0, 1, 3), "channels", "be 0 (as stored), 1 or 3", self.channels)
 
@@ -143,7 +200,7 @@ class SplitSection:
     test_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        require(self.seed >= 0, "seed", "be an integer >= 0", self.seed)
+        require(0 <= self.seed <= MAX_SEED, "seed", f"be an integer from 0 to {MAX_SEED}", self.seed)
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", "be in [0, 1)", self.val_fraction)
         require(0.0 <= self.test_fraction < 1.0, "test_fraction", "be in [0, 1)", self.test_fraction)
         total = self.val_fraction + self.test_fraction
@@ -164,6 +221,11 @@ class SitePaths:
     images: Path | None = None
     labels: Path | None = None
     datalist: Path | None = None
+    links: tuple[Path, ...] = ()  # [source].links: where symlinks inside root may point
+
+    def outside(self, path: Path | str) -> str | None:
+        """Why ``path`` leaves the data root (``..``, an absolute path, a symlink), or ``None``."""
+        return outside_root(Path(path), self.root, self.links)
 
 
 @dataclass(frozen=True)
@@ -183,6 +245,10 @@ class SiteConfig:
     def num_classes(self) -> int:
         """Classes in the label map (segmentation: background included)."""
         return len(self.labels.names)
+
+    def outside(self, path: Path | str) -> str | None:
+        """Why ``path`` leaves the site's data root, or ``None`` when it stays inside (see the module)."""
+        return self.paths.outside(path)
 
     def display(self, path: Path | str) -> str:
         """``path`` relative to the root when inside it, for messages."""
@@ -211,25 +277,46 @@ def _normal(path: Path) -> Path:
     return Path(os.path.normpath(os.path.abspath(path)))
 
 
-def inside_root(root: Path, base: Path, value: str) -> Path | None:
+def outside_root(path: Path, root: Path, links: tuple[Path, ...] = ()) -> str | None:
+    """Why ``path`` leaves ``root`` once ``..`` and symlinks are resolved, or ``None`` if it stays.
+
+    ``root`` must be absolute and normalised. ``links`` are folders outside ``root`` that
+    symlinks inside it may point into (data stores linked into the site's folder).
+    """
+    lexical = _normal(path)
+    if not lexical.is_relative_to(root):
+        return "is outside root"
+    real = Path(os.path.realpath(lexical))
+    allowed = (root, *links)
+    if any(real.is_relative_to(os.path.realpath(folder)) for folder in allowed):
+        return None
+    return f"is a symlink to {str(real)!r}, outside root (list that folder in [source].links to allow it)"
+
+
+def inside_root(root: Path, base: Path, value: str, links: tuple[Path, ...] = ()) -> Path | None:
     """Resolve ``value`` against ``root`` (then ``base``); ``None`` if it leaves ``root``.
 
-    ``root`` and ``base`` must be absolute and normalised. A path that exists nowhere is
-    returned relative to ``root`` so that the caller can report it as missing.
+    ``root`` and ``base`` must be absolute and normalised. Leaving ``root`` includes a
+    symlink that points out of it (see :func:`outside_root`). A path that exists nowhere
+    is returned relative to ``root`` so that the caller can report it as missing.
     """
     for start in (root, base):
         candidate = _normal(start / value)
-        if candidate.is_relative_to(root) and candidate.exists():
+        if candidate.exists() and outside_root(candidate, root, links) is None:
             return candidate
     candidate = _normal(root / value)
-    return candidate if candidate.is_relative_to(root) else None
+    return candidate if outside_root(candidate, root, links) is None else None
 
 
-def _path(file: str, root: Path, base: Path, key: str, value: str, *, folder: bool) -> Path:
+def _path(file: str, paths: SitePaths, base: Path, key: str, value: str, *, folder: bool) -> Path:
     what = "folder" if folder else "file"
-    resolved = inside_root(root, base, value)
+    root = paths.root
+    resolved = inside_root(root, base, value, paths.links)
     if resolved is None:
-        raise ConfigError(f"{file}: [source].{key} must stay inside root ('{root}'), got {value!r}")
+        raise ConfigError(
+            f"{file}: [source].{key} must stay inside root ('{root}') once '..' and symlinks are resolved, "
+            f"got {value!r}"
+        )
     if not (resolved.is_dir() if folder else resolved.is_file()):
         raise ConfigError(f"{file}: [source].{key} must name an existing {what} inside root, got {value!r}")
     return resolved
@@ -241,6 +328,16 @@ def _resolve_paths(file: str, base: Path, task: str, source: SourceSection) -> S
         raise ConfigError(
             f"{file}: [source].root must name an existing folder (relative to the site file's folder), got {source.root!r}"
         )
+    links = []
+    for i, link in enumerate(source.links):
+        folder = _normal(base / link)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"{file}: [source].links[{i}] must name an existing folder (relative to the site file's folder), "
+                f"got {link!r}"
+            )
+        links.append(folder)
+    found = SitePaths(root=root, links=tuple(links))
     csv_use, images_use, labels_use, datalist_use = _USES[source.kind]
     kind = source.kind
     needs_csv = csv_use == "yes" or (csv_use == "optional" and task == "classification")
@@ -251,15 +348,17 @@ def _resolve_paths(file: str, base: Path, task: str, source: SourceSection) -> S
             else f"classification with kind {kind!r} (it holds the labels)"
         )
         raise ConfigError(f"{file}: [source].csv is required for {why}")
-    csv = _path(file, root, base, "csv", source.csv, folder=False) if source.csv and csv_use != "no" else None
-    images = _path(file, root, base, "images", source.images, folder=True) if images_use == "yes" else None
+    csv = (
+        _path(file, found, base, "csv", source.csv, folder=False) if source.csv and csv_use != "no" else None
+    )
+    images = _path(file, found, base, "images", source.images, folder=True) if images_use == "yes" else None
     labels = None
     if labels_use == "seg" and task == "segmentation":
-        labels = _path(file, root, base, "labels", source.labels, folder=True)
+        labels = _path(file, found, base, "labels", source.labels, folder=True)
     datalist = (
-        _path(file, root, base, "datalist", source.datalist, folder=False) if datalist_use == "yes" else None
+        _path(file, found, base, "datalist", source.datalist, folder=False) if datalist_use == "yes" else None
     )
-    return SitePaths(root=root, csv=csv, images=images, labels=labels, datalist=datalist)
+    return dataclasses.replace(found, csv=csv, images=images, labels=labels, datalist=datalist)
 
 
 def _check_task(file: str, site: SiteSection, source: SourceSection, pre: PreprocessingSection) -> None:
@@ -325,8 +424,27 @@ def load_site_config(path: str | Path) -> SiteConfig:
 
     Raises
     ------
-    ConfigError
-        Naming the file, the key, what must hold and what was given.
+    SiteConfigError
+        A :class:`ConfigError` naming the site (when ``[site].name`` is readable), the file, the key, what must
+        hold and what was given.
     """
     p = Path(path)
-    return site_config_from_dict(read_toml(p), file=str(path), base_dir=p.parent)
+    try:
+        raw = read_toml(p)
+    except ConfigError as exc:
+        raise SiteConfigError(str(exc), site=None, file=str(path)) from None
+    try:
+        return site_config_from_dict(raw, file=str(path), base_dir=p.parent)
+    except ConfigError as exc:
+        name = _readable_name(raw)
+        message = str(exc) if name is None else f"{name}: {exc}"
+        raise SiteConfigError(message, site=name, file=str(path)) from None
+
+
+def _readable_name(raw: Mapping[str, Any]) -> str | None:
+    """``[site].name`` of a raw document when it is a valid name, for messages."""
+    site = raw.get("site")
+    name = site.get("name") if isinstance(site, Mapping) else None
+    if isinstance(name, str) and _NAME.fullmatch(name) and len(name) <= MAX_NAME:
+        return name
+    return None

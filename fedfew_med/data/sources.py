@@ -21,6 +21,7 @@ kind             records
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,26 @@ def case_id(name: str) -> str:
 
 
 def _row_path(cfg: SiteConfig, csv_path: Path, value: str) -> Path | None:
-    # relative to root, else to the CSV's folder; None when it leaves root
-    return inside_root(cfg.paths.root, csv_path.parent, value)
+    # relative to root, else to the CSV's folder; None when it leaves root ('..' or a symlink)
+    return inside_root(cfg.paths.root, csv_path.parent, value, cfg.paths.links)
+
+
+def _via_link(cfg: SiteConfig, value: str) -> str:
+    """`` (through a symlink)`` when ``value`` is inside root by name but leaves it once resolved."""
+    by_name = os.path.normpath(cfg.paths.root / value)
+    return " (through a symlink)" if Path(by_name).is_relative_to(cfg.paths.root) else ""
+
+
+def _escapes(cfg: SiteConfig, path: Path, out: Listing) -> bool:
+    """Report ``path`` (a listed image, series slice or label) if it leaves the data root."""
+    why = cfg.outside(path)
+    if why is None and path.is_dir():  # a series folder: every slice must stay inside too
+        why = next(
+            (f"holds {p.name!r}, which {w}" for p in sorted(path.iterdir()) if (w := cfg.outside(p))), None
+        )
+    if why is not None:
+        out.problem(cfg.display(path), f"{why}; refused")
+    return why is not None
 
 
 def _label_file(cfg: SiteConfig, ident: str) -> Path | None:
@@ -89,7 +108,7 @@ def _images_csv(cfg: SiteConfig, out: Listing) -> None:
                     raise ValueError(f"column {column!r} is empty")
                 path = _row_path(cfg, csv_path, row[column])
                 if path is None:
-                    raise ValueError(f"{key} {row[column]!r} is outside root")
+                    raise ValueError(f"{key} {row[column]!r} is outside root{_via_link(cfg, row[column])}")
                 if not path.is_file():
                     raise ValueError(f"{key} {row[column]!r} does not exist")
                 item[key] = str(path)
@@ -186,6 +205,8 @@ def _folder(cfg: SiteConfig, out: Listing, *, series: bool) -> None:
     segmentation = cfg.site.task == "segmentation"
     needs_row = cfg.site.task == "classification" or bool(cfg.source.split_column)
     for ident, path in cases.items():
+        if _escapes(cfg, path, out):
+            continue
         item: Item = {"id": ident, "image": str(path)}
         if facts is not None and ident in facts:
             item.update(facts[ident])
@@ -199,6 +220,8 @@ def _folder(cfg: SiteConfig, out: Listing, *, series: bool) -> None:
                     cfg.display(path),
                     f"no label volume {ident}.nii.gz in {cfg.display(cfg.paths.labels or '')}",
                 )
+                continue
+            if _escapes(cfg, label, out):
                 continue
             item["label"] = str(label)
         out.items.append(item)
@@ -233,10 +256,12 @@ def _msd_datalist(cfg: SiteConfig, out: Listing) -> None:
             item: Item = {}
             for field_name in ("image", "label") if segmentation else ("image",):
                 values = entry[field_name] if isinstance(entry[field_name], list) else [entry[field_name]]
-                paths = [inside_root(root, root, str(v)) for v in values]
+                paths = [inside_root(root, root, str(v), cfg.paths.links) for v in values]
                 for value, path in zip(values, paths, strict=True):
                     if path is None:
-                        raise ValueError(f"{field_name} {str(value)!r} is outside root")
+                        raise ValueError(
+                            f"{field_name} {str(value)!r} is outside root{_via_link(cfg, str(value))}"
+                        )
                     if not path.exists():
                         raise ValueError(f"{field_name} {cfg.display(path)!r} does not exist")
                 item[field_name] = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])

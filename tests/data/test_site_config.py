@@ -216,7 +216,7 @@ def test_paths_resolve_from_root_then_from_the_site_file(tmp_path: Path) -> None
         assert cfg.paths.csv == data.resolve() / "labels.csv"
 
 
-def test_symlinked_folders_inside_root_are_allowed(tmp_path: Path) -> None:
+def test_symlinks_out_of_root_are_refused_unless_listed_in_links(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
     root = tmp_path / "site"
@@ -224,5 +224,22 @@ def test_symlinked_folders_inside_root_are_allowed(tmp_path: Path) -> None:
     os.symlink(store, root / "imagesTr")  # data kept elsewhere, linked into the site's root
     write_csv(root / "labels.csv", [{"image": "x", "label": 0}])
     doc = site_doc("nifti_folder", "classification", source={"root": "site", "csv": "site/labels.csv"})
+    with pytest.raises(ConfigError, match=r"\[source\].images must stay inside root .* symlinks are resolved"):
+        load_site_config(write_toml(tmp_path / "site0.toml", doc))
+    doc["source"]["links"] = ["store"]  # the administrator vouches for the store
     cfg = load_site_config(write_toml(tmp_path / "site0.toml", doc))
-    assert cfg.paths.images == root / "imagesTr"
+    assert cfg.paths.images == root / "imagesTr" and cfg.paths.links == (store,)
+    doc["source"]["links"] = ["nowhere"]
+    with pytest.raises(ConfigError, match=r"\[source\].links\[0\] must name an existing folder"):
+        load_site_config(write_toml(tmp_path / "site0.toml", doc))
+
+
+def test_errors_name_the_site_when_its_name_is_readable(folder: Path) -> None:
+    doc = csv_doc(split={"seed": -1})
+    with pytest.raises(ConfigError) as err:
+        load_site_config(write_toml(folder / "site0.toml", doc))
+    assert str(err.value).startswith(f"site0: {folder / 'site0.toml'}: [split].seed must be")
+    doc["site"]["name"] = 3
+    with pytest.raises(ConfigError) as err:
+        load_site_config(write_toml(folder / "site0.toml", doc))
+    assert str(err.value).startswith(f"{folder / 'site0.toml'}: [site].name must be a string")

@@ -142,6 +142,16 @@ def require(condition: bool, key: str, expectation: str, value: object) -> None:
 
 # ---------------------------------------------------------------------------- sections
 
+# Upper bounds: a slip such as rounds = 1000000000 or batch_size = 10**12 is refused when the
+# file is read, not discovered days (or gigabytes) later.
+MAX_ROUNDS = 100_000
+MAX_EPOCHS = 10_000
+MAX_BATCH = 100_000
+MAX_LR = 10.0  # plain SGD diverges far below this
+MAX_WEIGHT_DECAY = 1.0
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -157,11 +167,21 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require(self.rounds >= 1, "rounds", "be an integer >= 1", self.rounds)
+        require(self.rounds <= MAX_ROUNDS, "rounds", f"be at most {MAX_ROUNDS}", self.rounds)
         require(0.0 < self.participation <= 1.0, "participation", "be in (0, 1]", self.participation)
         require(self.eval_every >= 1, "eval_every", "be an integer >= 1", self.eval_every)
+        require(self.eval_every <= MAX_ROUNDS, "eval_every", f"be at most {MAX_ROUNDS}", self.eval_every)
         require(self.finetune_eval_epochs >= 0, "finetune_eval_epochs", "be >= 0", self.finetune_eval_epochs)
+        require(
+            self.finetune_eval_epochs <= MAX_EPOCHS,
+            "finetune_eval_epochs",
+            f"be at most {MAX_EPOCHS}",
+            self.finetune_eval_epochs,
+        )
         require(self.seed >= 0, "seed", "be >= 0", self.seed)
+        require(self.seed <= MAX_SEED, "seed", f"be at most {MAX_SEED} (2**32 - 1)", self.seed)
         require(self.threads >= 0, "threads", "be >= 0", self.threads)
+        require(self.threads <= MAX_THREADS, "threads", f"be at most {MAX_THREADS}", self.threads)
 
 
 @dataclass(frozen=True)
@@ -176,10 +196,52 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         require(self.local_epochs >= 1, "local_epochs", "be an integer >= 1", self.local_epochs)
+        require(self.local_epochs <= MAX_EPOCHS, "local_epochs", f"be at most {MAX_EPOCHS}", self.local_epochs)
         require(self.lr > 0, "lr", "be > 0", self.lr)
+        require(self.lr <= MAX_LR, "lr", f"be at most {MAX_LR:g}", self.lr)
         require(self.batch_size >= 1, "batch_size", "be an integer >= 1", self.batch_size)
+        require(self.batch_size <= MAX_BATCH, "batch_size", f"be at most {MAX_BATCH}", self.batch_size)
         require(0.0 <= self.momentum < 1.0, "momentum", "be in [0, 1)", self.momentum)
         require(self.weight_decay >= 0, "weight_decay", "be >= 0", self.weight_decay)
+        require(
+            self.weight_decay <= MAX_WEIGHT_DECAY,
+            "weight_decay",
+            f"be at most {MAX_WEIGHT_DECAY:g}",
+            self.weight_decay,
+        )
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """How the server treats sites that misbehave (section ``[faults]``; omitted = these defaults).
+
+    A site that raises, exceeds ``site_timeout_s`` or returns an update that fails validation
+    (keys, shapes, dtypes, finite values, ``max_update_norm``) is skipped for the round and
+    recorded in ``metrics.jsonl`` under ``failures``; the round goes on without it.
+
+    Attributes
+    ----------
+    site_timeout_s
+        Seconds a site's round may take in the in-process simulation before it is skipped
+        (0, the default: no limit). A site still busy with a timed-out round is skipped until
+        that work ends; its late reply is discarded. The Flower runner has its own
+        ``round-timeout``.
+    max_update_norm
+        Largest L2 norm of an update (a returned model minus the model sent, over all its
+        parameters) that is aggregated; 0 switches the check off. The default (1e4) is
+        thousands of times larger than a normal SGD round's update on the bundled networks
+        and stops only blown-up or scaled updates: it is a sanity bound, not a defence
+        against a careful adversary.
+    """
+
+    site_timeout_s: float = 0.0
+    max_update_norm: float = 1e4
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.site_timeout_s < float("inf"), "site_timeout_s", "be a finite number of seconds >= 0 (0: no limit)",
+                self.site_timeout_s)
+        require(0.0 <= self.max_update_norm < float("inf"), "max_update_norm", "be a finite number >= 0 (0: no bound)",
+                self.max_update_norm)
 
 
 @dataclass(frozen=True)
@@ -204,6 +266,7 @@ class FederationConfig:
     # plain tables here, validated by fedfew_med.dp; empty = off
     privacy: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
     server_privacy: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able form (the resolved config written to the run directory)."""
@@ -222,6 +285,8 @@ class FederationConfig:
         for optional in _OPTIONAL_TABLES:  # absent when empty: configs without them keep their digest
             if not out[optional]:
                 out.pop(optional)
+        if self.faults == FaultsConfig():  # absent at its defaults: configs without [faults] keep their digest
+            out.pop("faults")
         return out
 
     def digest(self) -> str:
@@ -236,6 +301,7 @@ _SECTIONS: dict[str, Any] = {
     "training": TrainingConfig,
     "model": NamedConfig,
     "data": NamedConfig,
+    "faults": FaultsConfig,
 }
 _OPTIONAL_TABLES = ("privacy", "server_privacy")  # free-form tables validated by the layer that owns them
 

@@ -21,6 +21,7 @@ from monai.data import PydicomReader
 from monai.utils import MetaKeys, ensure_tuple
 
 _RELATIVE_GAP_TOLERANCE = 0.01  # slice gaps may differ from their mean by 1 %
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def series_files(folder: Path) -> list[Path]:
@@ -45,6 +46,9 @@ def _geometry(slices: Sequence[Any], names: Sequence[str]) -> np.ndarray:
         raise ValueError(
             f"the folder mixes {len(uids)} DICOM series (SeriesInstanceUID differs); keep one series per folder"
         )
+    no_pixels = [n for s, n in zip(slices, names, strict=True) if not any(t in s for t in _PIXEL_TAGS)]
+    if no_pixels:
+        raise ValueError(f"slice {Path(no_pixels[0]).name} has no pixel data (no PixelData element)")
     for tag in ("ImagePositionPatient", "ImageOrientationPatient"):
         missing = [n for s, n in zip(slices, names, strict=True) if tag not in s]
         if missing:
@@ -68,6 +72,16 @@ def _geometry(slices: Sequence[Any], names: Sequence[str]) -> np.ndarray:
         raise ValueError(
             f"slice gaps are uneven (from {gaps.min():.4g} to {gaps.max():.4g} mm): missing slices?"
         )
+    # even gaps can still hide missing slices (every other one gone, or 3 slices minus the middle):
+    # the scanner's own SpacingBetweenSlices, when every slice states the same one, must match
+    stated = {round(float(s.SpacingBetweenSlices), 6) for s in slices if "SpacingBetweenSlices" in s}
+    if len(stated) == 1 and all("SpacingBetweenSlices" in s for s in slices):
+        spacing = abs(stated.pop())
+        if spacing > 0 and abs(gaps.mean() - spacing) > _RELATIVE_GAP_TOLERANCE * spacing:
+            raise ValueError(
+                f"slices are {gaps.mean():.4g} mm apart but SpacingBetweenSlices is {spacing:.4g} mm: "
+                "missing slices?"
+            )
     return order
 
 

@@ -21,6 +21,8 @@ from monai.data import ImageReader
 from monai.data.utils import is_supported_format
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from fedfew_med.site_config import MAX_VOXELS
+
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 _DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
@@ -116,13 +118,17 @@ def decode_png(data: bytes) -> np.ndarray:
         raise ValueError("unsupported PNG (interlaced); re-save it without interlacing")
     if width == 0 or height == 0:
         raise ValueError("corrupt PNG (zero width or height)")
-    try:
-        raw = zlib.decompress(b"".join(p for k, p in chunks if k == b"IDAT"))
-    except zlib.error as exc:
-        raise ValueError(f"corrupt PNG (image data does not decompress: {exc})") from None
+    if width * height > MAX_VOXELS:
+        raise ValueError(f"PNG header declares {width} x {height} pixels, more than {MAX_VOXELS}")
     channels = _CHANNELS[colour]
     bits = channels * depth
     stride = (width * bits + 7) // 8
+    expected = height * (stride + 1)
+    try:  # never inflate more than the header promises (a small file can inflate to gigabytes)
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(b"".join(p for k, p in chunks if k == b"IDAT"), expected + 1)
+    except zlib.error as exc:
+        raise ValueError(f"corrupt PNG (image data does not decompress: {exc})") from None
     rows = _unfilter(raw, height, stride, max(1, bits // 8))
     samples: np.ndarray  # (H, W, channels)
     if depth == 16:

@@ -22,6 +22,7 @@ anything else          ``SeriesDicomReader`` if it is a DICOM file
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from monai.utils import ImageMetaKey, optional_import
 
 from fedfew_med.data.dicom import SeriesDicomReader
 from fedfew_med.data.png import PNGReader
+from fedfew_med.site_config import MAX_VOXELS
 
 _PIL_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -90,6 +92,14 @@ def read_image(path: str | Path | Sequence[str | Path], readers: ReaderSet) -> M
     reader = readers.for_path(paths[0])
     names = [str(p) for p in paths]
     img = reader.read(names[0] if len(names) == 1 else names)
+    if reader is readers.nifti:  # the header's shape, before a byte of voxel data is allocated
+        for header_img in img if isinstance(img, list) else [img]:
+            shape: tuple[int, ...] = tuple(int(n) for n in getattr(header_img, "shape", ()))
+            if math.prod(shape) > MAX_VOXELS:
+                raise ValueError(
+                    f"the NIfTI header declares shape {shape} ({math.prod(shape):.3g} voxels), "
+                    f"more than {MAX_VOXELS}; refusing to allocate it"
+                )
     array, meta = reader.get_data(img)
     array = np.asarray(array, dtype=np.float32)  # also makes big-endian data native
     meta = switch_endianness(meta, "<")  # NIfTI headers may be big-endian; torch refuses those arrays

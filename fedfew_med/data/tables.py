@@ -15,6 +15,8 @@ from typing import Any
 
 from fedfew_med.data.splits import SPLITS
 
+FLOAT32_MAX = 3.4028234663852886e38  # features are stored as float32
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -97,7 +99,7 @@ def split_value(value: str) -> str:
 
 
 def float_cell(value: str, column: str) -> float:
-    """A finite number (``ValueError`` naming the column otherwise)."""
+    """A finite number that float32 can hold (``ValueError`` naming the column otherwise)."""
     if not value:
         raise ValueError(f"column {column!r} is empty")
     try:
@@ -106,4 +108,6 @@ def float_cell(value: str, column: str) -> float:
         raise ValueError(f"column {column!r} is not a number: {value!r}") from None
     if not math.isfinite(number):
         raise ValueError(f"column {column!r} is NaN/Inf: {value!r}")
+    if abs(number) > FLOAT32_MAX:
+        raise ValueError(f"column {column!r} is too large for float32 (|x| <= {FLOAT32_MAX:.4g}): {value!r}")
     return number

@@ -179,10 +179,11 @@ def scale_features(
     """
     if mode == "none" or len(train) == 0:
         return train, list(others), {}
+    wide = train.astype(np.float64)  # float32 sums and spans overflow for features near 3e38
     if mode == "minmax":
-        shift, span = train.min(axis=0), train.max(axis=0) - train.min(axis=0)
+        shift, span = wide.min(axis=0), wide.max(axis=0) - wide.min(axis=0)
     else:
-        shift, span = train.mean(axis=0), train.std(axis=0)
+        shift, span = wide.mean(axis=0), wide.std(axis=0)
     span = np.where(span > 0, span, 1.0)  # constant features: avoid 0/0
-    scaled = [((a - shift) / span).astype(np.float32) for a in (train, *others)]
+    scaled = [((a.astype(np.float64) - shift) / span).astype(np.float32) for a in (train, *others)]
     return scaled[0], scaled[1:], {"shift": shift.tolist(), "scale": span.tolist()}

@@ -5,7 +5,10 @@ each image (and mask) raw, before any augmentation, and reports
 
 * unreadable or corrupt files, and files of an unknown format;
 * images whose dimensionality differs from ``[preprocessing].spatial_size``;
-* NaN/Inf voxels, in images or masks;
+* NaN/Inf voxels, in images or masks, and value ranges too wide for float32;
+* images that ``[preprocessing].spacing`` would resample to more than
+  :data:`~fedfew_med.site_config.MAX_VOXELS` voxels;
+* files or series slices that leave the data root through a symlink;
 * masks whose shape differs from their image's, with several channels, with
   non-integer values or with values outside the label map;
 * channel counts that differ between images (unless ``[preprocessing].channels`` fixes them);
@@ -20,6 +23,7 @@ with a JSON-able summary: counts per split, class balance, shapes, spacings.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +34,16 @@ import torch
 from monai.data import MetaTensor
 
 from fedfew_med.data.readers import ReaderSet, read_image, spacing_of
-from fedfew_med.data.sources import Item, list_items
+from fedfew_med.data.sources import Item, Listing, list_items
 from fedfew_med.data.splits import SPLITS, split_by_column, stratified_split
 from fedfew_med.data.tables import Problem
 from fedfew_med.data.transforms import orientation
-from fedfew_med.site_config import SiteConfig, load_site_config
+from fedfew_med.site_config import MAX_VOXELS, SiteConfig, load_site_config
 
 __all__ = ["Problem", "ValidationReport", "inspect_site", "validate_config", "validate_site"]
 
 logger = logging.getLogger(__name__)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,10 @@ class Inspection:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    kind = type(exc)
+    # built-in names alone (ValueError); others with their module (zlib.error, not a bare 'error')
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{name}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _plain(img: torch.Tensor) -> torch.Tensor:
@@ -147,6 +155,9 @@ def _check_item(cfg: SiteConfig, item: Item, readers: ReaderSet) -> tuple[dict[s
     nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
     if nan or inf:
         out.append(Problem(shown, f"image has {nan} NaN and {inf} Inf voxels"))
+    elif values.numel() and float(values.max()) - float(values.min()) > _FLOAT32_MAX:
+        low, high = float(values.min()), float(values.max())
+        out.append(Problem(shown, f"image values from {low:.4g} to {high:.4g} overflow float32 when scaled"))
     channels, wanted = int(img.shape[0]), cfg.preprocessing.channels
     if wanted == 3 and channels not in (1, 3):
         out.append(Problem(shown, f"cannot make {wanted} channels from {channels}"))
@@ -154,9 +165,24 @@ def _check_item(cfg: SiteConfig, item: Item, readers: ReaderSet) -> tuple[dict[s
     if orient is not None:
         img = orient(img)
     facts: dict[str, Any] = {"shape": tuple(img.shape[1:]), "spacing": spacing_of(img), "channels": channels}
+    resampled = _resampled_voxels(cfg, facts["shape"], facts["spacing"])
+    if cfg.preprocessing.spacing and resampled > MAX_VOXELS:
+        message = (
+            f"resampling to [preprocessing].spacing {list(cfg.preprocessing.spacing)} would give "
+            f"{resampled:.3g} voxels (at most {MAX_VOXELS}); use a coarser spacing"
+        )
+        out.append(Problem(shown, message))
     if cfg.site.task == "segmentation":
         facts.update(_check_label(cfg, item, facts["shape"], readers, out))
     return facts, out
+
+
+def _resampled_voxels(cfg: SiteConfig, shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
+    """Voxels of the image after ``[preprocessing].spacing`` (its own count without resampling)."""
+    target = cfg.preprocessing.spacing
+    if not target or len(target) != len(shape):
+        return float(math.prod(shape))
+    return math.prod(n * s / t for n, s, t in zip(shape, spacing, target, strict=True))
 
 
 def _channel_problems(
@@ -222,7 +248,12 @@ def _range(rows: list[tuple[Any, ...]]) -> dict[str, Any]:
 
 def inspect_site(cfg: SiteConfig) -> Inspection:
     """Validate ``cfg``'s data; return the report, the split records and the channel count."""
-    listing = list_items(cfg)
+    try:
+        listing = list_items(cfg)
+    except OSError as exc:  # a folder that cannot be listed (permissions, a vanished mount)
+        listing = Listing(
+            problems=[Problem(cfg.display(exc.filename or cfg.paths.root), f"cannot list: {_reason(exc)}")]
+        )
     problems = list(listing.problems)
     readers = ReaderSet()
     facts: dict[int, dict[str, Any]] = {}

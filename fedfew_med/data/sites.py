@@ -30,17 +30,35 @@ from fedfew_med.data.sources import Item
 from fedfew_med.data.synthetic import TensorDictDataset
 from fedfew_med.data.transforms import augmentation_seed, build_pipeline, scale_features
 from fedfew_med.data.validate import Inspection, ValidationReport, inspect_site
-from fedfew_med.site_config import SiteConfig, load_site_config
+from fedfew_med.site_config import SiteConfig, SiteConfigError, load_site_config
 
 logger = logging.getLogger(__name__)
 
 
 class SiteValidationError(ConfigError):
-    """A site's data failed validation; the message lists every problem, as ``validate-site`` prints them."""
+    """Sites failed validation; the message lists every problem, as ``validate-site`` prints them.
 
-    def __init__(self, reports: Sequence[ValidationReport]) -> None:
+    ``reports`` are the sites whose data has problems, ``config_errors`` the site files that
+    could not be loaded at all. ``headline`` (a federation's) comes first when given.
+    """
+
+    def __init__(
+        self,
+        reports: Sequence[ValidationReport],
+        config_errors: Sequence[SiteConfigError] = (),
+        *,
+        headline: str = "",
+    ) -> None:
         self.reports = list(reports)
-        super().__init__("\n".join(r.format() for r in self.reports))
+        self.config_errors = list(config_errors)
+        lines = [headline] if headline else []
+        lines += [str(e) for e in self.config_errors] + [r.format() for r in self.reports]
+        super().__init__("\n".join(lines))
+
+    @property
+    def sites(self) -> list[str]:
+        """Every failing site, by name (or by file where the name could not be read)."""
+        return [e.site or e.file for e in self.config_errors] + [r.site for r in self.reports]
 
 
 def _tabular_splits(
@@ -116,7 +134,9 @@ def build_site(cfg: SiteConfig, inspection: Inspection) -> SiteData:
         "class_balance": summary["class_balance"],
         **{k: summary[k] for k in ("shape", "spacing", "voxel_share") if k in summary},
         **extra,
-        **({"privacy": dict(cfg.privacy)} if cfg.privacy else {}),  # the site's own [privacy] table (fedfew_med.dp reads it)
+        **(
+            {"privacy": dict(cfg.privacy)} if cfg.privacy else {}
+        ),  # the site's own [privacy] table (fedfew_med.dp reads it)
     }
     logger.info("site %s: %s records %s", cfg.site.name, cfg.source.kind, summary["splits"])
     return SiteData(
@@ -169,24 +189,40 @@ def _check_federation(configs: list[SiteConfig], files: list[str]) -> None:
 def load_sites(files: Sequence[str], base_dir: Path) -> list[SiteData]:
     """Load a federation's sites; relative paths are taken from ``base_dir`` (the federation file's folder).
 
-    Every site is validated before any error is raised, so one run lists every site's problems.
+    Every site is validated before any error is raised, so one run lists every site's problems:
+    the federation refuses to start (nothing trained, nothing written) while any site is bad,
+    rather than silently running without it.
 
     Raises
     ------
     ConfigError
-        When a site file is invalid, or the sites disagree on task, label map, channels or dimensions.
+        When the sites disagree on task, label map, channels or dimensions.
     SiteValidationError
-        When any site's data has problems (all failing sites are listed).
+        When any site file is invalid or any site's data has problems; its message starts with
+        a line naming every failing site, then each site's problems.
     """
     if not files:
         raise ConfigError("the federation must list at least one site file, got none")
     paths = [Path(f) if Path(f).is_absolute() else Path(base_dir) / f for f in files]
-    configs = [load_site_config(p) for p in paths]
-    _check_federation(configs, [str(p) for p in paths])  # before any image is read
+    configs: list[SiteConfig] = []
+    config_errors: list[SiteConfigError] = []
+    for p in paths:
+        try:
+            configs.append(load_site_config(p))
+        except SiteConfigError as exc:
+            config_errors.append(exc)
+    if not config_errors:
+        _check_federation(configs, [str(p) for p in paths])  # before any image is read
     inspections = [inspect_site(cfg) for cfg in configs]
     failed = [i.report for i in inspections if not i.report.ok]
-    if failed:
-        raise SiteValidationError(failed)
+    if failed or config_errors:
+        bad = [f"{e.site} ({e.file})" if e.site else e.file for e in config_errors]
+        bad += [f"{r.site} ({r.file})" for r in failed]
+        headline = (
+            f"{len(bad)} of {len(paths)} sites failed validation, so the federation does not start "
+            f"(nothing was trained): {', '.join(bad)}"
+        )
+        raise SiteValidationError(failed, config_errors, headline=headline)
     _agree(
         "the number of input channels (features)",
         [i.in_channels for i in inspections],

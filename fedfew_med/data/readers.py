@@ -22,7 +22,9 @@ anything else          ``SeriesDicomReader`` if it is a DICOM file
 
 from __future__ import annotations
 
+import gzip
 import math
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from monai.data import ImageReader, MetaTensor, NibabelReader, NumpyReader
 from monai.transforms import EnsureChannelFirst, MapTransform
 from monai.transforms.io.array import switch_endianness
 from monai.utils import ImageMetaKey, optional_import
+from nibabel.filebasedimages import ImageFileError
 
 from fedfew_med.data.dicom import SeriesDicomReader
 from fedfew_med.data.png import PNGReader
@@ -82,6 +85,18 @@ class ReaderSet:
         raise ValueError(f"unknown image format {suffix or path.name!r} (not NIfTI, DICOM, PNG or NumPy)")
 
 
+def _check_gzip(path: Path) -> None:
+    """Raise ``ValueError`` saying why when ``path`` is a ``.gz`` file whose stream is corrupt."""
+    if not path.name.lower().endswith(".gz"):
+        return
+    try:
+        with gzip.open(path) as fh:
+            while fh.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"corrupt gzip file ({type(exc).__name__}: {exc})") from None
+
+
 def read_image(path: str | Path | Sequence[str | Path], readers: ReaderSet) -> MetaTensor:
     """Read one image as a channel-first float32 ``MetaTensor`` (C, *spatial) with its affine.
 
@@ -91,7 +106,12 @@ def read_image(path: str | Path | Sequence[str | Path], readers: ReaderSet) -> M
     paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
     reader = readers.for_path(paths[0])
     names = [str(p) for p in paths]
-    img = reader.read(names[0] if len(names) == 1 else names)
+    try:
+        img = reader.read(names[0] if len(names) == 1 else names)
+    except ImageFileError:  # nibabel hides a broken gzip stream behind "cannot work out file type"
+        for p in paths:
+            _check_gzip(p)
+        raise
     if reader is readers.nifti:  # the header's shape, before a byte of voxel data is allocated
         for header_img in img if isinstance(img, list) else [img]:
             shape: tuple[int, ...] = tuple(int(n) for n in getattr(header_img, "shape", ()))

@@ -109,6 +109,8 @@ def _images_csv(cfg: SiteConfig, out: Listing) -> None:
                 path = _row_path(cfg, csv_path, row[column])
                 if path is None:
                     raise ValueError(f"{key} {row[column]!r} is outside root{_via_link(cfg, row[column])}")
+                if path.is_dir():
+                    raise ValueError(f"{key} {row[column]!r} is a folder, not a file")
                 if not path.is_file():
                     raise ValueError(f"{key} {row[column]!r} does not exist")
                 item[key] = str(path)

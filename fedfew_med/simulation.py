@@ -18,7 +18,9 @@ to the bit to an uninterrupted run because every random stream is derived from
 Differential privacy is added by composition (:mod:`fedfew_med.dp.federation`): a site with
 ``[privacy]`` options trains through ``DPSiteWork`` on a DP-ready network, with one ledger for
 the whole run that is saved in every checkpoint and restored on resume (a killed and resumed
-run spends exactly what an uninterrupted one spends). Before each round a site whose next
+run spends exactly what an uninterrupted one spends); ``privacy_ledger.jsonl``, a digest chain
+over the ledgers written before each round's checkpoint (:mod:`fedfew_med.dp.chain`), makes a
+resume refuse when a checkpoint or the chain was deleted, edited or rolled back. Before each round a site whose next
 round would exceed its budget stops training (logged, and listed in the record's
 ``privacy_stopped``); it keeps receiving and evaluating models. Every record and the summary
 carry a ``privacy`` entry per DP site (ε spent, δ, noise multiplier, clip norm, sample rate,
@@ -40,6 +42,7 @@ from fedfew_med.algorithms.base import ServerStep
 from fedfew_med.config import FederationConfig
 from fedfew_med.data import SiteData, build_sites
 from fedfew_med.dp import federation as dp_federation
+from fedfew_med.dp.chain import open_chain
 from fedfew_med.dp.ledger import LedgerStateError
 from fedfew_med.dp.server import ServerDP
 from fedfew_med.dp.site import SitePrivacy
@@ -223,6 +226,12 @@ def run(
     run_dir = Path(run_dir)
     cb = callbacks or Callbacks()
     fed = Federation(config, sites if sites is not None else build_sites(config.data, source=config.source))
+    chain = None  # privacy_ledger.jsonl (fedfew_med.dp.chain): checked before open_run_dir changes anything
+    if fed.privacy or fed.server_dp is not None:
+        try:
+            chain = open_chain(run_dir, config_digest=config.digest(), resume=resume, checkpoint_round=checkpoint.latest_round(run_dir))
+        except LedgerStateError as exc:
+            raise RunDirError(str(exc)) from None
     ckpt = rundir.open_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
     start = 0
     history: list[dict[str, Any]] = []
@@ -232,6 +241,8 @@ def run(
             site_runtime.state = ckpt.sites.get(name, SiteState())
         try:  # spent privacy budget comes back with the checkpoint; a restart never resets it
             fed.load_privacy_state(ckpt.state.get("privacy"), where=f"{run_dir}: round {ckpt.round}")
+            if chain is not None:  # the ledgers must be those the chain recorded for this round (no rollback)
+                chain.verify_checkpoint(ckpt.round, ckpt.state.get("privacy"), where=f"{run_dir}: round {ckpt.round}")
         except LedgerStateError as exc:
             raise RunDirError(str(exc)) from None
         start = ckpt.round + 1
@@ -286,6 +297,11 @@ def run(
         server_privacy = fed.server_privacy_record()
         if server_privacy is not None:
             record["server_privacy"] = server_privacy
+        if chain is not None:  # the round's spending is on disk before its record and checkpoint
+            try:
+                chain.append(r, fed.privacy_state())
+            except LedgerStateError as exc:
+                raise RunDirError(str(exc)) from None
         checkpoint.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint: a completed round always has its record
         site_states = {name: rt.state for name, rt in fed.sites.items()}
         run_state: dict[str, Any] = {"config_digest": config.digest()}

@@ -136,12 +136,23 @@ class ReadImaged(MapTransform):
     def __init__(self, keys: Sequence[Hashable], readers: ReaderSet | None = None) -> None:
         super().__init__(keys)
         self.readers = readers or ReaderSet()
+        self.failure = ""  # the last file that could not be read, and why (shown by repr)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
         for key in self.key_iterator(out):
-            out[key] = read_image(out[key], self.readers)
+            try:
+                out[key] = read_image(out[key], self.readers)
+            except Exception as exc:
+                first = out[key] if isinstance(out[key], (str, Path)) else out[key][0]
+                self.failure = f"{str(first)!r}: {type(exc).__name__}: {exc}"
+                raise
         return out
+
+    def __repr__(self) -> str:
+        # MONAI re-raises a transform's error as "applying transform <repr>", which is all a
+        # caller logging str(exc) sees: name the file that failed (a file that went bad mid-run)
+        return f"ReadImaged(cannot read {self.failure})" if self.failure else "ReadImaged()"
 
 
 def spacing_of(img: torch.Tensor) -> tuple[float, ...]:

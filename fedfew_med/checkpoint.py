@@ -16,7 +16,7 @@ the previous checkpoint as the latest complete one. Tensors go through
 The run directory's other files are written here too, for every runner (the in-process
 simulation and the Flower coordinator): ``metrics.jsonl`` (:func:`append_record`,
 :func:`truncate_records`) and, at the end, ``models.safetensors`` and ``summary.json``
-(:func:`write_final`).
+(:func:`write_final`; :func:`load_final` reads the models back after checking their SHA-256).
 """
 
 from __future__ import annotations
@@ -152,8 +152,11 @@ def load(run_dir: Path) -> Checkpoint | None:
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path / 'state.json'}: unreadable ({exc})") from None
-    for name, digest in meta["digests"].items():
-        if not (path / name).is_file() or sha256_file(path / name) != digest:
+    digests = meta.get("digests") or {}
+    for name in ("server.safetensors", "sites.safetensors"):  # both, always: a dropped digest must not skip the check
+        if name not in digests:
+            raise CheckpointError(f"{path / 'state.json'}: records no SHA-256 for {name}; the checkpoint cannot be verified")
+        if not (path / name).is_file() or sha256_file(path / name) != digests[name]:
             raise CheckpointError(f"{path / name}: missing or its SHA-256 does not match state.json")
     flat = load_file(str(path / "server.safetensors"))
     server: list[Params] = [{} for _ in range(meta["num_models"])]
@@ -214,3 +217,29 @@ def write_final(run_dir: Path, models: Sequence[Params], summary: dict[str, Any]
         os.replace(tmp, run_dir / "models.safetensors")
         summary["models_sha256"] = sha256_file(run_dir / "models.safetensors")
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def load_final(run_dir: Path) -> list[Params]:
+    """The K final models of :func:`write_final`, after checking ``models.safetensors`` against ``summary.json``.
+
+    Raises
+    ------
+    CheckpointError
+        ``models.safetensors`` or ``summary.json`` is missing or unreadable, the summary records no
+        ``models_sha256``, or the file's SHA-256 differs from it (a changed or corrupt file).
+    """
+    path, summary_path = run_dir / "models.safetensors", run_dir / "summary.json"
+    try:
+        recorded = json.loads(summary_path.read_text(encoding="utf-8")).get("models_sha256")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{summary_path}: unreadable ({exc}); {path.name} cannot be verified") from None
+    if not recorded:
+        raise CheckpointError(f"{summary_path}: records no models_sha256; {path} cannot be verified")
+    if not path.is_file() or sha256_file(path) != recorded:
+        raise CheckpointError(f"{path}: missing or its SHA-256 does not match models_sha256 in {summary_path.name}")
+    flat = load_file(str(path))
+    models: dict[int, Params] = {}
+    for key, t in flat.items():
+        k, name = key.split("/", 1)
+        models.setdefault(int(k), {})[name] = t
+    return [models[k] for k in sorted(models)]

@@ -7,6 +7,10 @@ exactly as the simulation's evaluation does (``SiteRuntime.work`` at the
 checkpoint's round, ``Algorithm.deploy``, the test split, ``fedfew_med.metrics``).
 The point estimates of a :class:`SiteReport` therefore equal the run's
 ``summary.json``; the bootstrap intervals are added on top.
+
+Every model file read here is checked against the SHA-256 recorded when it was written
+(checkpoints by :func:`fedfew_med.checkpoint.load`, the served ``models.safetensors`` by
+:meth:`Run.final_models`); a changed or corrupt file raises ``CheckpointError`` naming it.
 """
 
 from __future__ import annotations
@@ -127,6 +131,16 @@ class Run:
     def metric(self) -> str:
         """The headline metric of the task (``accuracy``, ``dice``)."""
         return PRIMARY[self.task]
+
+    def final_models(self) -> list[Params]:
+        """The K server models the run wrote at its end (``models.safetensors``), after checking their SHA-256.
+
+        Raises
+        ------
+        fedfew_med.checkpoint.CheckpointError
+            The file or ``summary.json`` is missing, or the file differs from the digest the summary recorded.
+        """
+        return checkpoint.load_final(self.run_dir)
 
     def final_metrics(self) -> dict[str, dict[str, float]]:
         """Every site's deployed-model test metrics as the run recorded them (no recomputation)."""

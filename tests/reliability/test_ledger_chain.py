@@ -229,6 +229,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copytree(root / "after2", root / "after0")
     run(config, run_dir=root / "after2", resume=True, stop_after=2)
     run(config, run_dir=root / "straight")
+    for line in (root / "straight" / "metrics.jsonl").read_text().splitlines():  # every site really trained (and spent)
+        record = json.loads(line)
+        assert not record["failures"] and sorted(record["site_losses"]) == sorted(record["privacy"])
     return {"after0": root / "after0", "after2": root / "after2", "straight": root / "straight"}
 
 

@@ -13,6 +13,12 @@ It is written under a temporary name, fsynced and renamed; then the one-line
 the previous checkpoint as the latest complete one. Tensors go through
 ``safetensors``; nothing is ever unpickled.
 
+A write that fails (disk full, file-size limit, I/O error) raises :class:`WriteError`
+naming the file, after removing what it had half written: ``LATEST`` still names the last
+good checkpoint, a failed append leaves ``metrics.jsonl`` as it was, and ``--resume`` works
+once there is room again. Temporary files a killed process left behind (``.*.tmp-<pid>``)
+are never read; :func:`remove_stale` deletes them.
+
 The run directory's other files are written here too, for every runner (the in-process
 simulation and the Flower coordinator): ``metrics.jsonl`` (:func:`append_record`,
 :func:`truncate_records`) and, at the end, ``models.safetensors`` and ``summary.json``
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,16 +39,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedfew_med.algorithms.base import Params
 from fedfew_med.training import SiteState
+
+log = logging.getLogger(__name__)
 
 KEEP = 2  # complete checkpoints kept on disk
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or belongs to another run."""
+
+
+class WriteError(CheckpointError):
+    """A run-directory file could not be written (disk full, file-size limit, I/O error).
+
+    Raised after the half-written file was removed: what was on disk before is intact.
+    """
+
+
+_WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a failed write as its own error
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause for a failed write, e.g. ``"No space left on device"``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 @dataclass
@@ -77,14 +104,24 @@ def _fsync_file(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file).
+
+    Raises
+    ------
+    WriteError
+        The text could not be written; ``path`` is as it was.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot write ({_reason(exc)}); the previous version is intact") from exc
 
 
 def _flat_server(models: list[Params]) -> dict[str, torch.Tensor]:
@@ -102,32 +139,68 @@ def _flat_sites(sites: dict[str, SiteState]) -> dict[str, torch.Tensor]:
 
 
 def save(run_dir: Path, round_idx: int, *, server_models: list[Params], sites: dict[str, SiteState], state: dict[str, Any]) -> Path:
-    """Write the checkpoint of completed round ``round_idx`` atomically and prune old ones."""
+    """Write the checkpoint of completed round ``round_idx`` atomically and prune old ones.
+
+    Raises
+    ------
+    WriteError
+        The checkpoint could not be written; its temporary directory was removed and ``LATEST``
+        still names the previous checkpoint.
+    """
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{round_idx:05d}"
     tmp = root / f".round-{round_idx:05d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_flat_server(server_models), str(tmp / "server.safetensors"))
-    save_file(_flat_sites(sites), str(tmp / "sites.safetensors"))
-    digests = {name: sha256_file(tmp / name) for name in ("server.safetensors", "sites.safetensors")}
-    meta = {"round": round_idx, "num_models": len(server_models), "digests": digests, "state": state}
-    (tmp / "state.json").write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
-    for name in ("server.safetensors", "sites.safetensors", "state.json"):
-        _fsync_file(tmp / name)
-    if final.exists():  # a re-run of the same round after a crash between rename and pointer update
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / "LATEST", final.name + "\n")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(_flat_server(server_models), str(tmp / "server.safetensors"))
+        save_file(_flat_sites(sites), str(tmp / "sites.safetensors"))
+        digests = {name: sha256_file(tmp / name) for name in ("server.safetensors", "sites.safetensors")}
+        meta = {"round": round_idx, "num_models": len(server_models), "digests": digests, "state": state}
+        (tmp / "state.json").write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
+        for name in ("server.safetensors", "sites.safetensors", "state.json"):
+            _fsync_file(tmp / name)
+        if final.exists():  # a re-run of the same round after a crash between rename and pointer update
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        atomic_write_text(root / "LATEST", final.name + "\n")
+    except (*_WRITE_ERRORS, WriteError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            previous = latest_round(run_dir)
+        except CheckpointError:
+            previous = None
+        if previous != round_idx and final.exists():  # renamed, but LATEST does not name it: never complete
+            shutil.rmtree(final, ignore_errors=True)
+        if previous == round_idx:  # only the last directory fsync failed: the checkpoint is complete
+            log.warning("%s: written, but syncing %s failed (%s)", final, root, _reason(exc))
+            return final
+        kept = "there is no earlier checkpoint" if previous is None else f"the last good checkpoint (round {previous}) is intact"
+        raise WriteError(f"{final}: cannot write the checkpoint of round {round_idx} ({_reason(exc)}); {kept}") from exc
     complete = sorted(p for p in root.glob("round-*") if p.is_dir())
     for old in complete[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".round-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(run_dir)
     return final
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Delete the temporary files and directories (``.*.tmp-<pid>``) a killed process left in ``run_dir``.
+
+    Only call this while holding the run directory (its lock, or as the process writing it):
+    a temporary file is never read, so every one found then is garbage.
+    """
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for stale in folder.glob(".*.tmp-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def latest_round(run_dir: Path) -> int | None:
@@ -187,11 +260,27 @@ def _split_slot(key: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------ the rest of a run directory
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line to ``path`` (``metrics.jsonl``) and fsync it."""
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one JSON line to ``path`` (``metrics.jsonl``) and fsync it.
+
+    Raises
+    ------
+    WriteError
+        The line could not be written; the file was cut back to its previous length.
+    """
+    line = json.dumps(record) + "\n"
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        try:
+            os.truncate(path, size)  # shrinking needs no space: no torn line is left behind
+        except OSError:
+            log.error("%s: could not remove a partly written line; --resume drops it", path)
+        raise WriteError(f"{path}: cannot append the record of round {record.get('round')} ({_reason(exc)}); "
+                         "the earlier records are intact") from exc
 
 
 def truncate_records(path: Path, last_round: int) -> list[dict[str, Any]]:
@@ -210,12 +299,25 @@ def truncate_records(path: Path, last_round: int) -> list[dict[str, Any]]:
 
 
 def write_final(run_dir: Path, models: Sequence[Params], summary: dict[str, Any]) -> None:
-    """``models.safetensors`` (keys ``"{k}/{param}"``; its SHA-256 goes into ``summary``) and ``summary.json``, atomically."""
+    """``models.safetensors`` (keys ``"{k}/{param}"``; its SHA-256 goes into ``summary``) and ``summary.json``, atomically.
+
+    Raises
+    ------
+    WriteError
+        A file could not be written (the previous version of each file is intact).
+    """
     if models:
+        target = run_dir / "models.safetensors"
         tmp = run_dir / f".models.tmp-{os.getpid()}"
-        save_file({f"{k}/{n}": t.contiguous() for k, m in enumerate(models) for n, t in m.items()}, str(tmp))
-        os.replace(tmp, run_dir / "models.safetensors")
-        summary["models_sha256"] = sha256_file(run_dir / "models.safetensors")
+        try:
+            save_file({f"{k}/{n}": t.contiguous() for k, m in enumerate(models) for n, t in m.items()}, str(tmp))
+            _fsync_file(tmp)
+            os.replace(tmp, target)
+            _fsync_dir(run_dir)
+        except _WRITE_ERRORS as exc:
+            tmp.unlink(missing_ok=True)
+            raise WriteError(f"{target}: cannot write ({_reason(exc)}); the checkpoints are intact") from exc
+        summary["models_sha256"] = sha256_file(target)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 

@@ -5,14 +5,21 @@ The in-process simulation (:mod:`fedfew_med.simulation`) and the Flower coordina
 (resolved config), ``metrics.jsonl`` (one record per completed round), ``checkpoints/``
 (:mod:`fedfew_med.checkpoint`), and at the end ``models.safetensors`` and ``summary.json``.
 They may not import each other, so what both need lives here, one layer below them.
+
+:func:`locked` keeps two processes off one run directory with an ``flock`` on
+``.<name>.lock`` beside it (the file the Flower coordinator locks too). The kernel drops the
+lock when its process dies, so a run killed with SIGKILL leaves only a harmless file behind:
+``--resume`` takes the lock again at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +29,33 @@ from fedfew_med.metrics import PRIMARY, summarize
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunDirError", "open_run_dir", "summarize_run"]
+__all__ = ["RunDirError", "locked", "open_run_dir", "summarize_run"]
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (exists, is in use, or holds another config)."""
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (``.<name>.lock`` in its parent) while the block runs.
+
+    Raises
+    ------
+    RunDirError
+        Another process (a simulation or a Flower coordinator) holds the lock.
+    """
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir.parent / f".{run_dir.name}.lock"
+    with lock_path.open("a") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(f"{run_dir} is in use by another process (lock {lock_path}); wait for it to end") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def open_run_dir(
@@ -64,6 +93,7 @@ def open_run_dir(
         if ckpt is not None:
             if ckpt.state.get("config_digest") != config.digest():
                 raise RunDirError(f"{run_dir}: the checkpoint was made with a different config; resume with the run's own config.json")
+            checkpoint.remove_stale(run_dir)  # what a killed process half wrote; the caller holds the directory
             return ckpt
         log.warning("%s has no checkpoint to resume from; starting at round 0", run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):

@@ -47,8 +47,9 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save_file", boom)
     new_models, _ = _state(1)
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.WriteError, match=r"round-00001.*No space left on device.*round 0\) is intact"):
         checkpoint.save(tmp_path, 1, server_models=new_models, sites=sites, state={"r": 1})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", "round-00000"]  # no tmp dir left
     ck = checkpoint.load(tmp_path)
     assert ck is not None and ck.round == 0 and ck.state == {"r": 0}
     assert torch.equal(ck.server_models[0]["conv.weight"], models[0]["conv.weight"])

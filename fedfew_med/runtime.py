@@ -11,6 +11,7 @@ ServerApp. Neither runner re-implements anything here.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,25 +108,63 @@ def reply_nbytes(reply: SiteReply) -> int:
     return sum(params_nbytes(p) for p in reply.models.values()) + 8 * (len(reply.losses) + 1)
 
 
-def validate_reply(reply: SiteReply, sent: Mapping[int, Params], num_models: int) -> None:
-    """Raise ValueError unless ``reply`` holds finite losses and well-formed updates of models it was sent."""
-    if num_models and len(reply.losses) != num_models:
-        raise ValueError(f"expected {num_models} losses, got {len(reply.losses)}")
-    if not all(math.isfinite(x) for x in reply.losses):
-        raise ValueError(f"non-finite loss reported: {list(reply.losses)}")
-    if reply.num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {reply.num_samples}")
+def update_norm(params: Params, ref: Params) -> float:
+    """L2 norm of ``params − ref`` over all parameters, in float64 (no overflow for large finite values)."""
+    total = 0.0
+    for name, t in params.items():
+        total += float(torch.sum((t.detach().to(torch.float64) - ref[name].detach().to(torch.float64)) ** 2))
+    return math.sqrt(total)
+
+
+def validate_reply(reply: SiteReply, sent: Mapping[int, Params], num_models: int, *, max_update_norm: float = 0.0) -> None:
+    """Raise ValueError unless ``reply`` holds finite losses and well-formed updates of models it was sent.
+
+    Checked, in this order: the number of losses (``num_models``) and that they are finite numbers;
+    ``num_samples`` is an integer >= 1; every returned model was sent, has exactly the sent
+    parameter names, and each tensor has the sent shape and dtype and only finite values; and,
+    when ``max_update_norm`` > 0, the L2 norm of each returned model minus the model sent is at
+    most ``max_update_norm`` (``[faults].max_update_norm``).
+
+    Parameters
+    ----------
+    reply
+        What the site returned.
+    sent
+        The models the site was sent, by server-model index (the server's own, unmodified copies).
+    num_models
+        K: the number of losses expected (0 for methods without server models).
+    max_update_norm
+        Bound on each update's L2 norm; 0 switches the check off.
+    """
+    losses = list(reply.losses)
+    if num_models and len(losses) != num_models:
+        raise ValueError(f"expected {num_models} losses, got {len(losses)}")
+    if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in losses):
+        raise ValueError(f"losses must be numbers, got {[type(x).__name__ for x in losses]}")
+    if not all(math.isfinite(x) for x in losses):
+        raise ValueError(f"non-finite loss reported: {losses}")
+    if not isinstance(reply.num_samples, numbers.Integral) or isinstance(reply.num_samples, bool) or reply.num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {reply.num_samples!r}")
     for k, params in reply.models.items():
         if k not in sent:
             raise ValueError(f"returned model {k}, which was not sent")
         ref = sent[k]
         if set(params) != set(ref):
-            raise ValueError(f"model {k}: parameter names differ from the model sent")
+            missing, extra = sorted(set(ref) - set(params)), sorted(set(params) - set(ref))
+            raise ValueError(f"model {k}: parameter names differ from the model sent: missing {missing[:3]}, unexpected {extra[:3]}")
         for name, t in params.items():
-            if t.shape != ref[name].shape or t.dtype != ref[name].dtype:
-                raise ValueError(f"model {k}: {name!r} is {t.dtype}{tuple(t.shape)}, expected {ref[name].dtype}{tuple(ref[name].shape)}")
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"model {k}: {name!r} is a {type(t).__name__}, expected a torch.Tensor")
+            if t.dtype != ref[name].dtype:
+                raise ValueError(f"model {k}: {name!r} has dtype {t.dtype}, expected {ref[name].dtype}")
+            if t.shape != ref[name].shape:
+                raise ValueError(f"model {k}: {name!r} has shape {tuple(t.shape)}, expected {tuple(ref[name].shape)}")
             if not torch.isfinite(t).all():
                 raise ValueError(f"model {k}: {name!r} has NaN or Inf values")
+        if max_update_norm > 0:
+            norm = update_norm(params, ref)
+            if not norm <= max_update_norm:
+                raise ValueError(f"model {k}: update norm {norm:.4g} exceeds [faults].max_update_norm = {max_update_norm:g}")
 
 
 class ServerRuntime:
@@ -229,11 +268,16 @@ class SiteRuntime:
     def name(self) -> str:
         return self.data.name
 
-    def work(self, round_idx: int, state: SiteState | None = None, *, factory: WorkFactory | None = None) -> SiteWork:
-        """This site's compute in ``round_idx`` (on its real state unless one is given; ``work_factory`` unless one is given)."""
+    def work(self, round_idx: int, state: SiteState | None = None, *, factory: WorkFactory | None = None,
+             network: nn.Module | None = None) -> SiteWork:
+        """This site's compute in ``round_idx``.
+
+        On its real state unless ``state`` is given, with ``work_factory`` unless ``factory`` is
+        given, on the shared scratch network unless ``network`` is given.
+        """
         return (factory or self.work_factory)(
             data=self.data,
-            network=self.network,
+            network=self.network if network is None else network,
             initial_buffers=self.initial_buffers,
             state=self.state if state is None else state,
             training=self.config.training,
@@ -241,12 +285,27 @@ class SiteRuntime:
             round_idx=round_idx,
         )
 
+    def compute(self, info: RoundInfo, models: Mapping[int, Params], *,
+                network: nn.Module | None = None) -> tuple[SiteReply, SiteState]:
+        """Run this site's round on a copy of its state; return the reply and the would-be new state.
+
+        Nothing of the site changes: the caller commits the state (:meth:`commit`) once the reply
+        has been accepted. ``network`` replaces the shared scratch network (a private copy lets
+        the round run in another thread without touching what other sites use).
+        """
+        scratch = self.state.copy()
+        reply = self.algorithm.local_round(self.name, info, models, self.work(info.round, scratch, network=network))
+        return reply, scratch
+
+    def commit(self, state: SiteState) -> None:
+        """Adopt the state of an accepted round (from :meth:`compute`)."""
+        self.state = state
+
     def step(self, info: RoundInfo, models: Mapping[int, Params]) -> SiteReply:
         """Run this site's round; its state changes only if the step succeeds and validates."""
-        scratch = self.state.copy()
-        reply = self.algorithm.local_round(self.name, info, models, self.work(info.round, scratch))
-        validate_reply(reply, models, self.algorithm.num_models)
-        self.state = scratch
+        reply, scratch = self.compute(info, models)
+        validate_reply(reply, models, self.algorithm.num_models, max_update_norm=self.config.faults.max_update_norm)
+        self.commit(scratch)
         return reply
 
     def evaluate(self, models: Sequence[Params], round_idx: int) -> dict[str, Any]:

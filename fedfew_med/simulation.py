@@ -5,15 +5,21 @@ and returns a :class:`SimulationResult`. Every round it
 
 1. samples the participants (fraction ``run.participation``, seeded by round),
 2. sends each participant its models, runs the algorithm's site step on that
-   site's own data, seeds and state, validates the reply (a site that raises or
-   returns a malformed update is skipped for the round and recorded),
+   site's own data, seeds and state, and validates the reply against the server's
+   own models (keys, shapes, dtypes, finite values, ``[faults].max_update_norm``): a
+   site that raises, runs past ``[faults].site_timeout_s`` or returns a malformed
+   update is skipped for the round and recorded under ``failures``, and its state
+   stays at its last accepted round,
 3. aggregates, evaluates every site's *deployed* model on its held-out test split
-   (one protocol for every method), appends a record to ``metrics.jsonl`` and
-   checkpoints the whole state atomically.
+   (one protocol for every method; a site whose evaluation raises is recorded under
+   ``evaluation_failures``), appends a record to ``metrics.jsonl`` and checkpoints
+   the whole state atomically.
 
 ``resume=True`` continues from the last completed round; the result is identical
 to the bit to an uninterrupted run because every random stream is derived from
-(seed, round, site, slot) rather than carried along.
+(seed, round, site, slot) rather than carried along. This holds for a process killed
+at any moment (SIGKILL included, ``tests/reliability/test_kill_resume.py``): what it
+half wrote is never read, and the run directory's lock dies with it.
 
 Differential privacy is added by composition (:mod:`fedfew_med.dp.federation`): a site with
 ``[privacy]`` options trains through ``DPSiteWork`` on a DP-ready network, with one ledger for
@@ -29,9 +35,11 @@ steps, accountant, mechanisms), and ``server_privacy`` under ``[server_privacy]`
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +91,44 @@ class SimulationResult:
     records: list[dict[str, Any]] = field(default_factory=list)  # rounds run by this call
 
 
-__all__ = ["Callbacks", "Federation", "RunDirError", "SimulationResult", "run", "validate_reply"]
+__all__ = ["Callbacks", "Federation", "RunDirError", "SiteBusy", "SiteTimeout", "SimulationResult", "run", "validate_reply"]
+
+
+class SiteTimeout(RuntimeError):
+    """A site did not finish its round within ``[faults].site_timeout_s``."""
+
+
+class SiteBusy(RuntimeError):
+    """A site is still running a round that timed out; it gets no new work until that ends."""
+
+
+class _SiteCall:
+    """One site round running in a worker thread; its outcome is read only if it ends in time.
+
+    The thread works on a private copy of the network and of the site's state (see
+    :meth:`fedfew_med.runtime.SiteRuntime.compute`), so a call that is abandoned after the time
+    limit touches nothing the main thread or another site uses, and its late result, kept only
+    in this object, is never read.
+    """
+
+    def __init__(self, site: str, round_idx: int) -> None:
+        self.site = site
+        self.round = round_idx
+        self.done = threading.Event()
+        self.result: tuple[SiteReply, SiteState] | None = None
+        self.error: BaseException | None = None
+
+    def start(self, work: Callable[[], tuple[SiteReply, SiteState]]) -> None:
+        def target() -> None:
+            try:
+                self.result = work()
+            except BaseException as exc:  # handed to the waiting thread, or dropped with a late call
+                self.error = exc
+            finally:
+                self.done.set()
+
+        # daemon: a site that never returns must not keep the process alive at exit
+        threading.Thread(target=target, name=f"fedfew-site-{self.site}-round-{self.round}", daemon=True).start()
 
 
 class Federation:
@@ -110,6 +155,7 @@ class Federation:
         )
         for name, site_privacy in self.privacy.items():
             self.sites[name].work_factory = site_privacy.work_factory  # DP by composition: the site's round trains privately
+        self._pending: dict[str, _SiteCall] = {}  # site rounds that timed out and may still be running
 
     @property
     def server_dp(self) -> ServerDP | None:
@@ -167,14 +213,71 @@ class Federation:
         return self.server.round_info(round_idx, {s: self.sites[s].data.size("train") for s in participants})
 
     def site_step(self, site: str, info: RoundInfo) -> tuple[SiteReply, dict[str, int]]:
-        """Send ``site`` its models, run its round, and count the traffic."""
+        """Send ``site`` its models, run its round, validate the reply, and count the traffic.
+
+        The round is bounded by ``[faults].site_timeout_s`` when it is set (:meth:`_bounded`).
+        The reply is checked against the server's own models (keys, shapes, dtypes, finite values,
+        ``[faults].max_update_norm``) before it can reach the aggregation; the site's state moves
+        on only if the reply is accepted.
+
+        Raises
+        ------
+        Exception
+            Whatever the site raised; :class:`SiteTimeout` or :class:`SiteBusy`; ValueError for a
+            malformed reply. The round loop records it and goes on without the site.
+        """
+        runtime = self.sites[site]
         sent = self.server.models_for(site, info)
-        reply = self.sites[site].step(info, sent)
+        timeout = self.config.faults.site_timeout_s
+        reply, state = self._bounded(site, info, sent, timeout) if timeout > 0 else runtime.compute(info, sent)
+        reference = {k: self.server.models[k] for k in sent}  # the server's copies: the site may have changed its own
+        validate_reply(reply, reference, self.server.algorithm.num_models, max_update_norm=self.config.faults.max_update_norm)
+        runtime.commit(state)
         return reply, {"sent": sum(params_nbytes(p) for p in sent.values()), "received": reply_nbytes(reply)}
 
-    def evaluate(self, round_idx: int) -> dict[str, dict[str, Any]]:
-        """Every site's deployed model on its test split."""
-        return {name: self.sites[name].evaluate(self.server.models, round_idx) for name in sorted(self.sites)}
+    def _bounded(self, site: str, info: RoundInfo, sent: Mapping[int, Params], timeout: float) -> tuple[SiteReply, SiteState]:
+        """``site``'s round in a worker thread, waited for at most ``timeout`` seconds.
+
+        Python cannot stop a thread: a call that times out is left to finish on its own (on its
+        private network and state copy) and the site is skipped (:class:`SiteBusy`) until it has;
+        its result is then dropped. So a late reply is never aggregated, the site's state stays at
+        its last accepted round, and the site's data is never used by two threads at once.
+        """
+        pending = self._pending.get(site)
+        if pending is not None:
+            if not pending.done.is_set():
+                raise SiteBusy(f"site {site!r} is still running its round-{pending.round} step, which timed out; "
+                               "it gets no new work until that ends")
+            del self._pending[site]
+            log.info("round %d: site %s finished its timed-out round %d late; that result was discarded", info.round, site, pending.round)
+        runtime = self.sites[site]
+        network = copy.deepcopy(runtime.network)  # private scratch space: other sites keep using the shared one
+        call = _SiteCall(site, info.round)
+        call.start(lambda: runtime.compute(info, sent, network=network))
+        if not call.done.wait(timeout):
+            self._pending[site] = call
+            raise SiteTimeout(f"site {site!r} did not finish round {info.round} within [faults].site_timeout_s = {timeout:g} s; "
+                              "its late reply will be discarded")
+        if call.error is not None:
+            raise call.error
+        assert call.result is not None  # done without an error means a result
+        return call.result
+
+    def evaluate(self, round_idx: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Every site's deployed model on its test split, and why each site that could not be evaluated failed.
+
+        A site whose evaluation raises (its files went bad mid-run, say) is left out of this
+        round's metrics and named in the second dict; the federation goes on.
+        """
+        evaluation: dict[str, dict[str, Any]] = {}
+        failures: dict[str, str] = {}
+        for name in sorted(self.sites):
+            try:
+                evaluation[name] = self.sites[name].evaluate(self.server.models, round_idx)
+            except Exception as exc:  # a site that cannot evaluate must not crash the federation
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                log.warning("round %d: site %s not evaluated: %s", round_idx, name, failures[name])
+        return evaluation, failures
 
 
 def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -206,6 +309,9 @@ def run(
 ) -> SimulationResult:
     """Run (or resume) a federation and return its result.
 
+    The run directory is locked for the whole call (:func:`fedfew_med.rundir.locked`): a second
+    process on the same directory gets a :class:`RunDirError`.
+
     Parameters
     ----------
     config
@@ -223,7 +329,22 @@ def run(
     callbacks
         Progress hooks.
     """
-    run_dir = Path(run_dir)
+    with rundir.locked(Path(run_dir)):
+        return _run(config, run_dir=Path(run_dir), sites=sites, resume=resume, overwrite=overwrite,
+                    stop_after=stop_after, callbacks=callbacks)
+
+
+def _run(
+    config: FederationConfig,
+    *,
+    run_dir: Path,
+    sites: Sequence[SiteData] | None,
+    resume: bool,
+    overwrite: bool,
+    stop_after: int | None,
+    callbacks: Callbacks | None,
+) -> SimulationResult:
+    """:func:`run` under the run directory's lock."""
     cb = callbacks or Callbacks()
     fed = Federation(config, sites if sites is not None else build_sites(config.data, source=config.source))
     chain = None  # privacy_ledger.jsonl (fedfew_med.dp.chain): checked before open_run_dir changes anything
@@ -276,8 +397,9 @@ def run(
                 cb.on_site_done(r, site)
         step = fed.server.finish(aggregation) if trainers else _no_update(fed)
         last = r == config.run.rounds - 1
+        eval_failures: dict[str, str] = {}
         if last or r % config.run.eval_every == 0 or r == end - 1:
-            evaluation = fed.evaluate(r)
+            evaluation, eval_failures = fed.evaluate(r)
         record = {
             "round": r,
             "participants": participants,
@@ -291,6 +413,8 @@ def run(
             "bytes": traffic,
             "seconds": round(time.perf_counter() - t0, 4),
         }
+        if eval_failures:  # as the Flower coordinator's records
+            record["evaluation_failures"] = eval_failures
         if fed.privacy:
             record["privacy"] = fed.privacy_records(r)
             record["privacy_stopped"] = privacy_stopped
@@ -311,9 +435,10 @@ def run(
         records.append(record)
         if cb.on_round_end:
             cb.on_round_end(record)
-    completed = (checkpoint.latest_round(run_dir) or 0) + 1 if (run_dir / "checkpoints").exists() else 0
+    latest = checkpoint.latest_round(run_dir)
+    completed = 0 if latest is None else latest + 1
     if not evaluation:
-        evaluation = fed.evaluate(max(completed - 1, 0))
+        evaluation, _ = fed.evaluate(max(completed - 1, 0))
     summary = summarize_run(fed, history + records, evaluation)
     summary["finished"] = completed >= config.run.rounds
     if fed.privacy:

@@ -126,28 +126,62 @@ def test_a_crashing_site_is_skipped_and_recorded(tmp_path, tiny_config, monkeypa
     assert result.summary["finished"] and "1" in result.summary["failures"]
 
 
+def _bad_models(kind: str) -> dict[int, dict[str, torch.Tensor]]:
+    """A returned model 0 (the sent one is zeros of shape (2, 3)) broken in one way."""
+    return {
+        "ok": {0: {"w": torch.ones(2, 3)}},
+        "nan": {0: {"w": torch.full((2, 3), float("nan"))}},
+        "inf": {0: {"w": torch.tensor([[1.0, float("inf"), 1.0], [1.0, 1.0, 1.0]])}},
+        "wrong_shape": {0: {"w": torch.ones(3, 2)}},
+        "wrong_key": {0: {"v": torch.ones(2, 3)}},
+        "extra_key": {0: {"w": torch.ones(2, 3), "v": torch.ones(1)}},
+        "wrong_dtype": {0: {"w": torch.ones(2, 3, dtype=torch.float64)}},
+        "not_a_tensor": {0: {"w": [[1.0] * 3] * 2}},  # type: ignore[dict-item]
+        "extra_model": {5: {"w": torch.ones(2, 3)}},
+        "too_far": {0: {"w": torch.full((2, 3), 5.0)}},  # update norm sqrt(6) * 5 = 12.2 > 10
+    }[kind]
+
+
 @pytest.mark.parametrize(
-    ("bad", "message"),
+    ("losses", "num_samples", "models", "message"),
     [
-        ({"losses": (float("nan"), 1.0)}, "non-finite loss"),
-        ({"losses": (1.0,)}, "expected 2 losses"),
-        ({"nan_param": True}, "NaN or Inf"),
-        ({"wrong_shape": True}, "expected"),
-        ({"extra_model": True}, "was not sent"),
+        ((float("nan"), 1.0), 4, "ok", "non-finite loss"),
+        ((1.0, float("inf")), 4, "ok", "non-finite loss"),
+        ((1.0,), 4, "ok", "expected 2 losses"),
+        ((1.0, "2"), 4, "ok", "losses must be numbers"),
+        ((1.0, 2.0), 0, "ok", "num_samples must be an integer >= 1"),
+        ((1.0, 2.0), 4.0, "ok", "num_samples must be an integer >= 1"),
+        ((1.0, 2.0), 4, "nan", "NaN or Inf"),
+        ((1.0, 2.0), 4, "inf", "NaN or Inf"),
+        ((1.0, 2.0), 4, "wrong_shape", r"'w' has shape \(3, 2\), expected \(2, 3\)"),
+        ((1.0, 2.0), 4, "wrong_key", r"names differ .* missing \['w'\], unexpected \['v'\]"),
+        ((1.0, 2.0), 4, "extra_key", r"unexpected \['v'\]"),
+        ((1.0, 2.0), 4, "wrong_dtype", "'w' has dtype torch.float64, expected torch.float32"),
+        ((1.0, 2.0), 4, "not_a_tensor", "is a list, expected a torch.Tensor"),
+        ((1.0, 2.0), 4, "extra_model", "was not sent"),
+        ((1.0, 2.0), 4, "too_far", r"update norm 12.25 exceeds \[faults\].max_update_norm = 10"),
     ],
 )
-def test_malformed_updates_are_rejected(bad, message):
+def test_malformed_updates_are_rejected(losses, num_samples, models, message):
     sent = {0: {"w": torch.zeros(2, 3)}, 1: {"w": torch.zeros(2, 3)}}
-    models = {0: {"w": torch.ones(2, 3)}}
-    if bad.get("nan_param"):
-        models = {0: {"w": torch.full((2, 3), float("nan"))}}
-    if bad.get("wrong_shape"):
-        models = {0: {"w": torch.ones(3, 2)}}
-    if bad.get("extra_model"):
-        models = {5: {"w": torch.ones(2, 3)}}
-    reply = runtime.SiteReply(num_samples=4, losses=bad.get("losses", (1.0, 2.0)), models=models)
+    reply = runtime.SiteReply(num_samples=num_samples, losses=losses, models=_bad_models(models))
     with pytest.raises(ValueError, match=message):
-        runtime.validate_reply(reply, sent, 2)
+        runtime.validate_reply(reply, sent, 2, max_update_norm=10.0)
+
+
+def test_update_norm_bound_is_inclusive_and_can_be_switched_off():
+    sent = {0: {"w": torch.zeros(2, 3), "b": torch.zeros(1)}}
+    returned = {0: {"w": torch.full((2, 3), 2.0), "b": torch.tensor([6.0])}}  # norm sqrt(6 * 4 + 36) = sqrt(60)
+    assert runtime.update_norm(returned[0], sent[0]) == pytest.approx(60 ** 0.5, rel=1e-12)
+    reply = runtime.SiteReply(num_samples=4, losses=(1.0,), models=returned)
+    runtime.validate_reply(reply, sent, 1, max_update_norm=60 ** 0.5 + 1e-9)
+    runtime.validate_reply(reply, sent, 1, max_update_norm=0.0)  # 0: no bound
+    runtime.validate_reply(reply, sent, 1)  # the default keeps the Flower coordinator's call unchanged
+    with pytest.raises(ValueError, match="update norm 7.746 exceeds"):
+        runtime.validate_reply(reply, sent, 1, max_update_norm=7.7)
+    huge = runtime.SiteReply(num_samples=4, losses=(1.0,), models={0: {"w": torch.full((2, 3), 3e38), "b": torch.zeros(1)}})
+    with pytest.raises(ValueError, match="update norm 7.348e\\+38 exceeds"):  # float64: no overflow to inf
+        runtime.validate_reply(huge, sent, 1, max_update_norm=1e4)
 
 
 def test_participation_fraction_is_seeded(tmp_path):

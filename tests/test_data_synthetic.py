@@ -39,7 +39,7 @@ def test_build_sites_validates_options():
         build_sites(NamedConfig(name="mnist"), source="f.toml")
 
 
-@pytest.mark.parametrize(("task", "batch_size", "shuffled"), [("classification", 7, True), ("segmentation", 4, True), ("classification", 64, False)])
+@pytest.mark.parametrize(("task", "batch_size", "shuffled"), [("classification", 7, True), ("segmentation", 4, True), ("classification", 6, True), ("classification", 64, False)])
 def test_batched_fetch_equals_per_record_collation(task, batch_size, shuffled):
     """SiteData.loader fetches in-memory batches with one index; the batches equal PyTorch's per-record default."""
     from torch.utils.data import DataLoader
@@ -57,10 +57,16 @@ def test_batched_fetch_equals_per_record_collation(task, batch_size, shuffled):
     def gen():
         return torch.Generator().manual_seed(11) if shuffled else None
 
-    ours = list(site.loader("train", batch_size=batch_size, generator=gen()))
-    reference = list(DataLoader(PerRecord(), batch_size=batch_size, shuffle=shuffled, generator=gen()))
-    assert len(ours) == len(reference) == -(-len(ds) // batch_size)
-    for a, b in zip(ours, reference, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])
+    g_ours, g_ref = gen(), gen()
+    loader = site.loader("train", batch_size=batch_size, generator=g_ours)
+    reference_loader = DataLoader(PerRecord(), batch_size=batch_size, shuffle=shuffled, generator=g_ref)
+    assert len(loader) == len(reference_loader) == -(-len(ds) // batch_size)
+    for _ in range(3):  # several epochs: the generator must advance exactly as the DataLoader advances it
+        ours, reference = list(loader), list(reference_loader)
+        assert len(ours) == len(reference)
+        for a, b in zip(ours, reference, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])
+    if shuffled:
+        assert torch.equal(g_ours.get_state(), g_ref.get_state())

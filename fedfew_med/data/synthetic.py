@@ -30,10 +30,9 @@ from typing import Literal
 import numpy as np
 import torch
 from monai.data.synthetic import create_test_image_2d
-from torch.utils.data import Dataset
 
 from fedfew_med.config import require
-from fedfew_med.data.base import SiteData
+from fedfew_med.data.base import SiteData, TensorDictDataset
 
 PROTOCOLS = ("bright", "dark", "noisy")
 _PROFILE = {  # polarity of the lesion, noise std, lesion radius range
@@ -64,31 +63,6 @@ class SyntheticOptions:
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", "be in [0, 1)", self.val_fraction)
         require(self.test_per_site >= 1, "test_per_site", "be an integer >= 1", self.test_per_site)
         require(self.contrast > 0, "contrast", "be > 0", self.contrast)
-
-
-class TensorDictDataset(Dataset[dict[str, torch.Tensor]]):
-    """In-memory ``{"image", "label"}`` records. Shapes: images (N, C, H, W), labels (N,) or (N, 1, H, W)."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[index], "label": self.labels[index]}
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """A whole batch by one tensor index (DataLoader's batched fetch; see :func:`~fedfew_med.data.base.collate`).
-
-        The values equal stacking ``self[i]`` for ``i`` in ``indices`` bit for bit; one gather
-        instead of a Python loop and a ``torch.stack`` per batch.
-        """
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {"image": self.images[idx], "label": self.labels[idx]}
 
 
 def _blob(size: int, radius: tuple[int, int], rs: np.random.RandomState) -> np.ndarray:

@@ -60,11 +60,10 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
 
 from fedfew_med.algorithms.base import Params, Prox, TrainResult
 from fedfew_med.config import TrainingConfig
-from fedfew_med.data.base import SiteData
+from fedfew_med.data.base import SiteData, collate
 from fedfew_med.dp.calibrate import Calibration, poisson_plan
 from fedfew_med.dp.ledger import Mechanism, PrivacyLedger
 from fedfew_med.dp.loss_channel import PerSampleLoss, loss_mechanism, per_sample_losses, private_losses
@@ -187,7 +186,7 @@ def dp_train(
                 loader: DataLoader[dict[str, torch.Tensor]] = DataLoader(
                     dataset,
                     batch_sampler=sampler,
-                    collate_fn=wrap_collate_with_empty(collate_fn=default_collate),
+                    collate_fn=wrap_collate_with_empty(collate_fn=collate),  # records, or a batch stacked by __getitems__
                     num_workers=0,
                     generator=torch.Generator().manual_seed(0),  # only feeds the loader's unused base seed (not the global RNG)
                 )

@@ -39,6 +39,7 @@ from monai.losses import DiceLoss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fedfew_med.data.base import collate
 from fedfew_med.dp.ledger import Mechanism
 
 
@@ -77,7 +78,7 @@ def per_sample_losses(network: nn.Module, dataset: Dataset[dict[str, torch.Tenso
     """Per-record losses (n,) of ``network`` (put in eval mode) over ``dataset``, in dataset order."""
     network.eval()
     # A generator of its own: a DataLoader draws a base seed per iteration, from the global RNG otherwise.
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate, generator=torch.Generator().manual_seed(0))
     saved, loss_fn.reduction = loss_fn.reduction, "none"
     try:
         out = [loss_fn(network(b["image"]), b["label"]).detach().to(torch.float64) for b in loader]

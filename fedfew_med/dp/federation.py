@@ -13,17 +13,20 @@ A site with no table anywhere trains without DP. Server-side DP is the separate
 ``[server_privacy]`` table of the federation file (:class:`ServerPrivacyOptions`); it wraps any
 algorithm in :class:`~fedfew_med.dp.server.ServerDP`.
 
-The runner (``fedfew_med.simulation``; a Flower SuperNode can do the same) builds the network
-through :func:`network_preparer`, plans every DP site once with :func:`plan_sites` (probe one
-round of the algorithm, calibrate σ for the rounds the site will take part in, open its ledger),
-installs :meth:`SitePrivacy.work_factory` as the site's training work, asks
-:meth:`SitePrivacy.can_train` before every round, and stores :func:`privacy_state` in every
-checkpoint (restored by :func:`load_privacy_state`), so that a restart never resets spent ε.
+The runner (``fedfew_med.simulation``) builds the network through :func:`network_preparer`,
+plans every DP site once with :func:`plan_sites` (probe one round of the algorithm, calibrate σ
+for the rounds the site will take part in, open its ledger), installs
+:meth:`SitePrivacy.work_factory` as the site's training work, asks :meth:`SitePrivacy.can_train`
+before every round (:func:`split_trainers`), and stores :func:`privacy_state` in every checkpoint
+(restored by :func:`load_privacy_state`), so that a restart never resets spent ε. The Flower
+deployment (``fedfew_med.flower``) plans one site at a time with :func:`plan_site`, at the site
+and, for its budget checks, at the coordinator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,6 +131,15 @@ def network_preparer(config: FederationConfig, sites: Sequence[SiteData]) -> Cal
     """
     if not private_sites(config, sites):
         return None
+    return dp_ready_preparer(config)
+
+
+def dp_ready_preparer(config: FederationConfig) -> Callable[[nn.Module], nn.Module]:
+    """:func:`make_dp_ready` for the networks of ``config`` (a ConfigError naming ``[model].name`` when impossible).
+
+    Every network of a federation with a DP site is made DP-ready, at the server and at every
+    site (DP or not), so that all of them train and exchange one architecture.
+    """
 
     def prepare(module: nn.Module) -> nn.Module:
         try:
@@ -188,8 +200,7 @@ def plan_sites(
         ``round_info(r, names)``: the round's broadcast.
     """
     options = private_sites(config, sites)
-    rounds = config.run.rounds
-    schedule = [set(participants(r)) for r in range(rounds)]
+    schedule = [set(participants(r)) for r in range(config.run.rounds)]
     curves = RdpCurves()  # one RDP memo for the run's calibrations and ledgers
     calibrations: dict[tuple[Any, ...], Calibration] = {}  # sites with the same plan share one search
     out: dict[str, SitePrivacy] = {}
@@ -197,25 +208,96 @@ def plan_sites(
         if site.name not in options:
             continue
         opts = options[site.name]
-        taking_part = [r for r in range(rounds) if site.name in schedule[r]]
+        taking_part = [r for r, names in enumerate(schedule) if site.name in names]
         if not taking_part:  # never sampled: it never trains, so it spends nothing and needs no plan
             continue
         first = taking_part[0]
-        info = round_info(first, sorted(schedule[first]))
-        sent = {k: models[k] for k in algorithm.models_to_send(site.name, info)}
-        usage = probe_round(algorithm, site.name, info, sent, num_samples=site.size("train"), local_epochs=config.training.local_epochs)
-        key = (opts, site.size("train"), config.training.batch_size, len(taking_part), usage)
-        if key not in calibrations:
-            try:
-                calibrations[key] = calibrate_site(
-                    opts, num_samples=site.size("train"), batch_size=config.training.batch_size, rounds=len(taking_part),
-                    usage=usage, curves=curves,
-                )
-            except (CalibrationError, ValueError) as exc:
-                raise ConfigError(f"{config.source}: site {site.name!r}: its privacy options cannot be met: {exc}") from None
-        mode = resolve_grad_sample_mode(opts.grad_sample_mode, network)
-        out[site.name] = SitePrivacy(site.name, opts, calibrations[key], grad_sample_mode=mode, usage=usage, curves=curves)
+        out[site.name] = plan_site(
+            config, site.name, opts, num_samples=site.size("train"), rounds=len(taking_part),
+            first_info=round_info(first, sorted(schedule[first])), algorithm=algorithm, models=models,
+            grad_sample_mode=resolve_grad_sample_mode(opts.grad_sample_mode, network), curves=curves,
+            calibrations=calibrations,
+        )
     return out
+
+
+def plan_site(
+    config: FederationConfig,
+    site: str,
+    options: PrivacyOptions,
+    *,
+    num_samples: int,
+    rounds: int,
+    first_info: RoundInfo,
+    algorithm: Algorithm,
+    models: Sequence[Params] | Mapping[int, Params],
+    grad_sample_mode: str,
+    curves: RdpCurves | None = None,
+    calibrations: MutableMapping[tuple[Any, ...], Calibration] | None = None,
+) -> SitePrivacy:
+    """One DP site's :class:`SitePrivacy`: probe its first round, calibrate σ for its ``rounds``, open its ledger.
+
+    :func:`plan_sites` calls it for every DP site of an in-process federation; a Flower site and
+    its coordinator call it with the participation plan the coordinator sends (the same inputs
+    give the same calibration, to the bit).
+
+    Parameters
+    ----------
+    config
+        The federation config (batch size, local epochs; its source names errors).
+    site, options, num_samples
+        The site, its resolved privacy options and its training-set size.
+    rounds
+        How many rounds the site will take part in.
+    first_info
+        The broadcast of the first of those rounds (the round that is probed; only ``site``'s
+        own entries are read).
+    algorithm, models
+        The algorithm and the initial server models (by index).
+    grad_sample_mode
+        The resolved clipping mode (:func:`resolve_grad_sample_mode`), for the report.
+    curves, calibrations
+        Memos shared by the sites of one run (optional; they change nothing but the time taken).
+        ``calibrations`` maps ``(options, num_samples, batch_size, rounds, usage)`` to the calibration.
+    """
+    sent = {k: models[k] for k in algorithm.models_to_send(site, first_info)}
+    usage = probe_round(algorithm, site, first_info, sent, num_samples=num_samples, local_epochs=config.training.local_epochs)
+    memo: MutableMapping[tuple[Any, ...], Calibration] = calibrations if calibrations is not None else {}
+    key = (options, num_samples, config.training.batch_size, rounds, usage)
+    if key not in memo:
+        try:
+            memo[key] = calibrate_site(
+                options, num_samples=num_samples, batch_size=config.training.batch_size, rounds=rounds,
+                usage=usage, curves=curves,
+            )
+        except (CalibrationError, ValueError) as exc:
+            raise ConfigError(f"{config.source}: site {site!r}: its privacy options cannot be met: {exc}") from None
+    return SitePrivacy(site, options, memo[key], grad_sample_mode=grad_sample_mode, usage=usage, curves=curves)
+
+
+def split_trainers(
+    privacy: Mapping[str, SitePrivacy], round_idx: int, participants: Sequence[str], log: logging.Logger
+) -> tuple[list[str], list[str]]:
+    """``participants`` split into the sites that train in ``round_idx`` and those out of privacy budget.
+
+    A site without a plan in ``privacy`` always trains; a DP site trains while its next planned
+    round fits its budget. The first refusal marks it stopped for good (logged once, on ``log``).
+    """
+    trainers, stopped = [], []
+    for site in participants:
+        p = privacy.get(site)
+        if p is not None and p.stopped:  # stopped for good: its ledger and plan no longer change
+            stopped.append(site)
+            continue
+        if p is None or p.can_train(round_idx):
+            trainers.append(site)
+            continue
+        stopped.append(site)
+        after = p.ledger.epsilon_after(p.round_mechanisms(round_idx))
+        log.warning("round %d: site %s stops training: its next round would take ε from %.4f to %.4f, past its "
+                    "budget ε = %g (δ = %g); it keeps receiving and evaluating models",
+                    round_idx, site, p.ledger.epsilon(), after, p.options.epsilon, p.options.delta)
+    return trainers, stopped
 
 
 def privacy_state(sites: Mapping[str, SitePrivacy], algorithm: Algorithm) -> dict[str, Any]:

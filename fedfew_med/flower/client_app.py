@@ -4,12 +4,16 @@ Three message handlers, each a thin skin over :class:`~fedfew_med.runtime.SiteRu
 
 ``query``
     The site's name, training-set size and model facts (so the coordinator can
-    compute λ_i and build the initial models); nothing about its records.
+    compute λ_i and build the initial models), and whether it trains with DP
+    (its resolved ``[privacy]`` options: target ε, δ, ...); nothing about its records.
 ``train``
     Run :meth:`SiteRuntime.step` on the received models from the state the
     coordinator names (its *base round*); save the new state atomically on the
     site's disk and in the node's context; return the updated models, K losses
-    and the sample count.
+    and the sample count. A DP site first opens and checks its privacy ledger
+    (:mod:`fedfew_med.flower.site_privacy`), declines a round that would exceed its
+    budget, trains through the simulation's DP work, saves the ledger (even when the
+    round fails) and adds its ledger state and privacy report to the reply.
 ``evaluate``
     :meth:`SiteRuntime.evaluate` of the received server models on the site's test
     split; the model chosen for deployment is recorded in the site's state
@@ -29,7 +33,8 @@ from flwr.clientapp import ClientApp
 from fedfew_med.data import SiteData
 from fedfew_med.flower import codec
 from fedfew_med.flower.logs import forward_logs
-from fedfew_med.flower.node import NodeSettings, privacy_requested, site_runtime
+from fedfew_med.flower.node import NodeSettings, site_runtime
+from fedfew_med.flower.site_privacy import SiteLedger, privacy_card
 from fedfew_med.flower.site_store import SiteStore
 from fedfew_med.runtime import ModelFacts
 from fedfew_med.training import SiteState
@@ -42,11 +47,16 @@ def query(msg: Message, context: Context) -> Message:
     """Describe this site: name, sample count, model facts, protocol label."""
     with forward_logs():
         data = NodeSettings.from_node_config(context.node_config).load_site()
+        privacy = None
+        if codec.RUN in msg.content.config_records:  # the federation's [privacy] and this site's own resolve together
+            config = codec.decode_run(msg.content.config_records[codec.RUN]).config
+            privacy = privacy_card(config, data, site_runtime(config, data, SiteState(), dp_ready=True))
         card = codec.SiteCard(
             name=data.name,
             num_train=data.size("train"),
             facts=ModelFacts.of(data),
             protocol=_protocol(data),
+            privacy=privacy,
         )
         return Message(RecordDict({codec.SITE: codec.encode_site(card)}), reply_to=msg)
 
@@ -60,19 +70,31 @@ def train(msg: Message, context: Context) -> Message:
         info = codec.decode_round(msg.content.config_records[codec.ROUND])
         data = settings.load_site()
         _check_addressee(info.participants[0], data)
-        where = privacy_requested(header.config, data)
-        if where is not None:
-            raise NotImplementedError(
-                f"site {data.name!r}: {where} asks for differential privacy, which the Flower deployment does not "
-                "apply yet; this site refuses to train without it (run the federation with `fedfew-med simulate`)"
-            )
+        plan = None
+        if codec.PRIVACY_PLAN in msg.content.config_records:
+            planned_for, plan = codec.decode_privacy_plan(msg.content.config_records[codec.PRIVACY_PLAN])
+            _check_addressee(planned_for, data)
         _set_threads(header.config.run.threads)
         store = SiteStore(settings.state_dir, run_key=header.run_key, site=data.name)
-        runtime = site_runtime(header.config, data, _load_state(context, store, header.base_round))
-        reply = runtime.step(info, codec.records_to_models(msg.content))
+        runtime = site_runtime(header.config, data, _load_state(context, store, header.base_round), dp_ready=header.dp_ready)
+        ledger = SiteLedger.open(config=header.config, data=data, runtime=runtime, plan=plan, store=store, context=context)
+        if ledger is not None:
+            if not ledger.can_train(info.round):  # checked before any data is touched
+                ledger.save(context)
+                content = RecordDict({codec.PRIVACY: codec.encode_privacy_reply(ledger.reply(info.round, declined=True))})
+                return Message(content, reply_to=msg)
+            runtime.work_factory = ledger.privacy.work_factory  # DP by composition, as in the simulation
+        try:
+            reply = runtime.step(info, codec.records_to_models(msg.content))
+        finally:
+            if ledger is not None:  # what was spent stays spent, even if the round failed
+                ledger.save(context)
         store.save(info.round, runtime.state, keep=header.base_round)
         _remember(context, runtime.state, run_key=header.run_key, round_idx=info.round)
-        return Message(codec.encode_reply(reply), reply_to=msg)
+        content = codec.encode_reply(reply)
+        if ledger is not None:
+            content[codec.PRIVACY] = codec.encode_privacy_reply(ledger.reply(info.round))
+        return Message(content, reply_to=msg)
 
 
 @app.evaluate()
@@ -86,7 +108,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         _check_addressee(site, data)
         _set_threads(header.config.run.threads)
         store = SiteStore(settings.state_dir, run_key=header.run_key, site=data.name)
-        runtime = site_runtime(header.config, data, _load_state(context, store, header.base_round))
+        runtime = site_runtime(header.config, data, _load_state(context, store, header.base_round), dp_ready=header.dp_ready)
         models = codec.records_to_models(msg.content)
         if list(models) != list(range(len(models))):
             raise codec.CodecError(f"evaluate needs every server model 0..K-1, got indices {list(models)}")

@@ -10,14 +10,20 @@ Record names (one :class:`~flwr.app.RecordDict` per message):
 ======================  ===========================================================
 ``model.<k>``           ArrayRecord: server model k (parameter name -> tensor)
 ``fedfew.run``          ConfigRecord: run key, resolved federation config (JSON) and
-                        its digest, the site's base round (see ``site_store``)
+                        its digest, the site's base round (see ``site_store``), and
+                        whether the networks are DP-ready (every message)
 ``fedfew.round``        ConfigRecord: round, num-rounds, the site's name and λ_i,
                         the algorithm's extras as ``extra.<name>`` (train only)
 ``fedfew.reply``        MetricRecord: ``num-samples`` and the K ``losses``
 ``fedfew.reply-info``   ConfigRecord: the reply's small ``info`` dict as JSON
-``fedfew.site``         ConfigRecord: a site's name, sample count and model facts (query)
+``fedfew.site``         ConfigRecord: a site's name, sample count, model facts and, for a
+                        DP site, its privacy options (query)
 ``fedfew.evaluate``     ConfigRecord: the site addressed and the round (evaluate only)
 ``fedfew.evaluation``   ConfigRecord: a site's evaluation entry as JSON (evaluate reply)
+``fedfew.privacy-plan`` ConfigRecord: a DP site's participation plan and the ledger the
+                        coordinator last saw from it (train, DP sites only)
+``fedfew.privacy``      ConfigRecord: a DP site's ledger state and privacy report, and
+                        whether it declined the round for lack of budget (train reply)
 ======================  ===========================================================
 """
 
@@ -49,6 +55,9 @@ EVALUATION = "fedfew.evaluation"
 EVALUATE = "fedfew.evaluate"
 STATE_TENSORS = "fedfew.site-state"
 STATE_META = "fedfew.site-state-meta"
+PRIVACY_PLAN = "fedfew.privacy-plan"
+PRIVACY = "fedfew.privacy"
+PRIVACY_STATE = "fedfew.site-privacy"  # context.state: the site's privacy state (JSON), beside its disk copy
 EXTRA_PREFIX = "extra."
 
 
@@ -98,6 +107,7 @@ class RunHeader:
     run_key: str  # names this run's site-state directory at every site
     config: FederationConfig  # the coordinator's resolved federation config
     base_round: int  # the site state to start from: after this round (-1: fresh)
+    dp_ready: bool = False  # a site of the federation trains with DP: every network is DP-ready
 
 
 def encode_run(header: RunHeader) -> ConfigRecord:
@@ -107,6 +117,7 @@ def encode_run(header: RunHeader) -> ConfigRecord:
             "federation": json.dumps(header.config.to_dict(), sort_keys=True),
             "config-digest": header.config.digest(),
             "base-round": int(header.base_round),
+            "dp-ready": bool(header.dp_ready),
         }
     )
 
@@ -117,7 +128,8 @@ def decode_run(record: ConfigRecord) -> RunHeader:
     config = federation_from_dict(json.loads(str(fields["federation"])), source="<federation config from the coordinator>")
     if config.digest() != fields["config-digest"]:
         raise CodecError("the federation config received does not match its digest; coordinator and site versions differ?")
-    return RunHeader(run_key=str(fields["run-key"]), config=config, base_round=int(fields["base-round"]))
+    return RunHeader(run_key=str(fields["run-key"]), config=config, base_round=int(fields["base-round"]),
+                     dp_ready=bool(record.get("dp-ready", False)))
 
 
 def encode_round(info: RoundInfo, site: str) -> ConfigRecord:
@@ -182,13 +194,19 @@ class SiteCard:
     num_train: int
     facts: ModelFacts
     protocol: str | None = None  # acquisition protocol label, shown in the summary table
+    privacy: Mapping[str, Any] | None = None  # a DP site: {"options", "grad_sample_mode", "where"}; None without DP
 
     def to_json(self) -> dict[str, Any]:
-        return {"n_train": self.num_train, "protocol": self.protocol, "facts": self.facts.__dict__.copy()}
+        out = {"n_train": self.num_train, "protocol": self.protocol, "facts": self.facts.__dict__.copy()}
+        if self.privacy is not None:
+            out["privacy"] = dict(self.privacy)
+        return out
 
     @classmethod
     def from_json(cls, name: str, data: Mapping[str, Any]) -> SiteCard:
-        return cls(name=name, num_train=int(data["n_train"]), facts=ModelFacts(**data["facts"]), protocol=data.get("protocol"))
+        privacy = data.get("privacy")
+        return cls(name=name, num_train=int(data["n_train"]), facts=ModelFacts(**data["facts"]), protocol=data.get("protocol"),
+                   privacy=None if privacy is None else dict(privacy))
 
 
 def encode_site(card: SiteCard) -> ConfigRecord:
@@ -203,6 +221,7 @@ def encode_site(card: SiteCard) -> ConfigRecord:
             "num-classes": int(f.num_classes),
             "spatial-dims": int(f.spatial_dims),
             "image-size": int(f.image_size),
+            "privacy": "" if card.privacy is None else json.dumps(dict(card.privacy), sort_keys=True),
         }
     )
 
@@ -216,8 +235,12 @@ def decode_site(record: ConfigRecord) -> SiteCard:
         spatial_dims=int(fields["spatial-dims"]),
         image_size=int(fields["image-size"]),
     )
+    privacy = str(record.get("privacy", "")) or None
+    card_privacy = None if privacy is None else json.loads(privacy)
+    if card_privacy is not None and not (isinstance(card_privacy, dict) and isinstance(card_privacy.get("options"), dict)):
+        raise CodecError(f"{SITE}.privacy must be a JSON object with 'options', got {privacy!r}")
     return SiteCard(name=str(fields["name"]), num_train=int(fields["num-train"]), facts=facts,
-                    protocol=str(record.get("protocol", "")) or None)
+                    protocol=str(record.get("protocol", "")) or None, privacy=card_privacy)
 
 
 def encode_evaluate(site: str, round_idx: int) -> ConfigRecord:
@@ -241,6 +264,80 @@ def decode_evaluation(record: ConfigRecord) -> dict[str, Any]:
     if not isinstance(entry, dict) or "metrics" not in entry or "model" not in entry:
         raise CodecError(f"{EVALUATION}: an entry needs 'model' and 'metrics', got {sorted(entry) if isinstance(entry, dict) else entry!r}")
     return entry
+
+
+# ------------------------------------------------------------------------- privacy
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What a DP site is sent with every train message besides the round.
+
+    ``rounds`` (the rounds it takes part in, over the whole run) and ``first`` (its view of
+    the first of them) are what its σ is calibrated for, as ``plan_sites`` does in the
+    simulation; ``ledger_*`` describe the ledger the coordinator last received from it, which
+    the site's own ledger must extend (a site whose ledger went missing or back refuses).
+    """
+
+    rounds: tuple[int, ...]
+    first: RoundInfo
+    ledger_digest: str
+    ledger_entries: int
+    ledger_epsilon: float
+
+
+def encode_privacy_plan(plan: PrivacyPlan, site: str) -> ConfigRecord:
+    first = plan.first
+    body = {
+        "rounds": [int(r) for r in plan.rounds],
+        "first": {"round": int(first.round), "num_rounds": int(first.num_rounds), "site_weight": float(first.site_weight[site]),
+                  "extras": {k: float(v) for k, v in first.extras.items()}},
+        "ledger": {"digest": plan.ledger_digest, "entries": int(plan.ledger_entries), "epsilon": float(plan.ledger_epsilon)},
+    }
+    return ConfigRecord({"site": site, "plan": json.dumps(body, sort_keys=True)})
+
+
+def decode_privacy_plan(record: ConfigRecord) -> tuple[str, PrivacyPlan]:
+    """(site, plan); CodecError when a field is missing or malformed."""
+    fields = _require(record, PRIVACY_PLAN, "site", "plan")
+    site = str(fields["site"])
+    try:
+        body = json.loads(str(fields["plan"]))
+        first, ledger = body["first"], body["ledger"]
+        plan = PrivacyPlan(
+            rounds=tuple(int(r) for r in body["rounds"]),
+            first=RoundInfo(round=int(first["round"]), num_rounds=int(first["num_rounds"]), participants=(site,),
+                            site_weight={site: float(first["site_weight"])},
+                            extras={str(k): float(v) for k, v in first["extras"].items()}),
+            ledger_digest=str(ledger["digest"]),
+            ledger_entries=int(ledger["entries"]),
+            ledger_epsilon=float(ledger["epsilon"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CodecError(f"{PRIVACY_PLAN}: malformed plan ({type(exc).__name__}: {exc})") from None
+    if not plan.rounds or plan.first.round != plan.rounds[0] or plan.ledger_entries < 0:
+        raise CodecError(f"{PRIVACY_PLAN}: the plan's first round must be the first of its rounds {list(plan.rounds)}")
+    return site, plan
+
+
+@dataclass(frozen=True)
+class PrivacyReply:
+    """A DP site's privacy after its round: its ``SitePrivacy.state_dict()`` and ``report()``."""
+
+    state: Mapping[str, Any]
+    report: Mapping[str, Any]
+    declined: bool = False  # the round would have exceeded its budget: it did not train
+
+
+def encode_privacy_reply(reply: PrivacyReply) -> ConfigRecord:
+    return ConfigRecord({"state": json.dumps(dict(reply.state), sort_keys=True),
+                         "report": json.dumps(dict(reply.report), sort_keys=True), "declined": bool(reply.declined)})
+
+
+def decode_privacy_reply(record: ConfigRecord) -> PrivacyReply:
+    fields = _require(record, PRIVACY, "state", "report", "declined")
+    state, report = json.loads(str(fields["state"])), json.loads(str(fields["report"]))
+    if not isinstance(state, dict) or not isinstance(report, dict):
+        raise CodecError(f"{PRIVACY}: state and report must be JSON objects")
+    return PrivacyReply(state=state, report=report, declined=bool(fields["declined"]))
 
 
 # ------------------------------------------------------------------ site state in context

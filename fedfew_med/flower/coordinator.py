@@ -24,6 +24,13 @@ Resume (``resume=true``) continues after the last checkpoint; sites restore the
 state they had after the round the coordinator last accepted from them (see
 ``fedfew_med.flower.site_store``), so a replayed round is computed exactly as the
 first time.
+
+Differential privacy (``[privacy]`` of the federation or of a site's own file,
+``[server_privacy]``) is composed as in the simulation; see
+:mod:`fedfew_med.flower.privacy` (the coordinator) and
+:mod:`fedfew_med.flower.site_privacy` (the sites). A participant out of privacy budget does
+not train (``privacy_stopped``); fewer than ``min-sites`` replies then end the run only if
+fewer sites than that could train.
 """
 
 from __future__ import annotations
@@ -43,9 +50,11 @@ from flwr.serverapp import Grid
 
 from fedfew_med import checkpoint
 from fedfew_med.algorithms import Params, RoundInfo, SiteReply
+from fedfew_med.algorithms.base import ServerStep
 from fedfew_med.config import ConfigError, FederationConfig
+from fedfew_med.dp.ledger import LedgerStateError
 from fedfew_med.flower import codec, rundir
-from fedfew_med.flower.node import privacy_requested
+from fedfew_med.flower.privacy import NO_UPDATE, RunPrivacy
 from fedfew_med.metrics import PRIMARY, summarize
 from fedfew_med.runtime import (
     ModelFacts,
@@ -188,16 +197,11 @@ class Coordinator:
         self.node_of: dict[str, int] = {}  # connected site -> its SuperNode's node id (not persisted)
         self.rejected: set[int] = set()  # node ids refused for this run (facts or name conflicts)
         self.server: ServerRuntime | None = None
+        self.privacy = RunPrivacy(config)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> CoordinatorResult:
         """Run (or resume) the federation to its last round (or ``stop-after`` rounds) and write the summary."""
-        where = privacy_requested(self.config)
-        if where is not None:
-            raise ServerConfigError(
-                f"{where}: differential privacy is not applied by the Flower deployment yet; run this federation "
-                "with `fedfew-med simulate`, or remove the table to train without DP"
-            )
         with rundir.locked(self.settings.run_dir):
             return self._run()
 
@@ -225,14 +229,17 @@ class Coordinator:
                 self._await_nodes(st.min_sites)
             self._refresh_roster()
             participants = server.participants(r, list(self.roster))
-            info = server.round_info(r, {s: self.roster[s].num_train for s in participants})
-            replies, traffic, failures = self._train(info, participants)
-            if len(replies) < st.min_sites:
+            trainers, stopped = self.privacy.split(r, participants)  # a site out of privacy budget does not train
+            info = server.round_info(r, {s: self.roster[s].num_train for s in trainers or participants})
+            replies, traffic, failures, declined = self._train(info, trainers)
+            stopped = [s for s in participants if s in set(stopped) | set(declined)]
+            needed = st.min_sites if not stopped else min(st.min_sites, len(participants) - len(stopped))
+            if len(replies) < needed:
                 raise FederationError(
                     f"round {r}: {len(replies)} valid site replies, fewer than min-sites={st.min_sites}; "
                     f"failures: {failures}. The checkpoint of the previous round is intact: fix the sites and resume."
                 )
-            step = server.aggregate(info, replies)
+            step = server.aggregate(info, replies) if replies else ServerStep(models=server.models, log=dict(NO_UPDATE))
             for s in replies:
                 self.last_accepted[s] = r
             extra: dict[str, Any] = {}
@@ -254,6 +261,7 @@ class Coordinator:
                 "bytes": traffic,
                 "seconds": round(time.perf_counter() - t0, 4),
                 **extra,
+                **self.privacy.round_entries(r, stopped, server.algorithm),
             }
             checkpoint.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint, as the simulation
             checkpoint.save(run_dir, r, server_models=server.models, sites={}, state=self._state())
@@ -273,13 +281,16 @@ class Coordinator:
         )
         summary["finished"] = completed >= cfg.run.rounds
         summary["run_key"] = self.run_key
+        entries = self.privacy.round_entries(max(completed - 1, 0), [], server.algorithm)
+        summary.update({k: v for k, v in entries.items() if k != "privacy_stopped"})
         checkpoint.write_final(run_dir, server.models, summary)
         return CoordinatorResult(run_dir=run_dir, rounds_completed=completed, models=server.models, summary=summary, records=records)
 
     # --------------------------------------------------------------- the phases
     def _train(
         self, info: RoundInfo, participants: list[str]
-    ) -> tuple[dict[str, SiteReply], dict[str, dict[str, int]], dict[str, str]]:
+    ) -> tuple[dict[str, SiteReply], dict[str, dict[str, int]], dict[str, str], list[str]]:
+        """Replies, traffic and failures of the sites that trained, and the DP sites that declined (out of budget)."""
         server = self._server()
         failures: dict[str, str] = {}
         sent: dict[str, dict[int, Params]] = {}
@@ -294,15 +305,22 @@ class Coordinator:
                 content[key] = record
             content[codec.RUN] = codec.encode_run(self._header(s))
             content[codec.ROUND] = codec.encode_round(info, s)
+            plan = self.privacy.plan_for(s)
+            if plan is not None:
+                content[codec.PRIVACY_PLAN] = codec.encode_privacy_plan(plan, s)
             messages[s] = self._message(content, s, MessageType.TRAIN, group=str(info.round))
         answers, errors = self._exchange(messages, timeout=self.settings.round_timeout)
         failures.update(errors)
         replies: dict[str, SiteReply] = {}
         traffic: dict[str, dict[str, int]] = {}
+        declined: list[str] = []
         for s in participants:  # participant order: aggregation sums in this order, as the simulation
             if s not in answers:
                 continue
             try:
+                if self._privacy_of(s, answers[s]):
+                    declined.append(s)
+                    continue
                 reply = codec.decode_reply(answers[s].content)
                 validate_reply(reply, sent[s], server.algorithm.num_models)
             except Exception as exc:  # a malformed update must not crash the federation
@@ -312,7 +330,22 @@ class Coordinator:
             traffic[s] = {"sent": sum(params_nbytes(p) for p in sent[s].values()), "received": reply_nbytes(reply)}
         for s, why in failures.items():
             log.warning("round %d: site %s skipped: %s", info.round, s, why)
-        return replies, traffic, {s: failures[s] for s in participants if s in failures}
+        return replies, traffic, {s: failures[s] for s in participants if s in failures}, declined
+
+    def _privacy_of(self, site: str, answer: Message) -> bool:
+        """Take a train reply's privacy report (a DP site must send one); True when the site declined the round."""
+        record = answer.content.config_records.get(codec.PRIVACY)
+        if record is None:
+            if site in self.privacy.sites:
+                raise LedgerStateError(f"site {site!r} trains with DP, but its reply carries no privacy report")
+            return False
+        reply = codec.decode_privacy_reply(record)
+        self.privacy.accept(site, reply)  # what the site spent is kept even if its update is refused below
+        if reply.declined:
+            log.warning("round %d: site %s declined to train: out of privacy budget (ε = %.4f of %g)",
+                        int(reply.report.get("round", -1)), site, float(reply.report.get("epsilon", 0.0)),
+                        float(reply.report.get("target_epsilon") or 0.0))
+        return reply.declined
 
     def _evaluate(self, round_idx: int, *, skip: Mapping[str, str] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Every connected site's deployed model on its test split, by site name.
@@ -373,7 +406,9 @@ class Coordinator:
         new = sorted(n for n in online if n not in known)
         if not new:
             return
-        messages = {n: self._message(RecordDict(), n, MessageType.QUERY, group="query") for n in new}
+        header = codec.encode_run(codec.RunHeader(run_key=self.run_key, config=self.config, base_round=-1,
+                                                  dp_ready=bool(self.privacy.dp_ready)))
+        messages = {n: self._message(RecordDict({codec.RUN: header}), n, MessageType.QUERY, group="query") for n in new}
         answers, errors = self._exchange(messages, timeout=self.settings.query_timeout)
         for n, why in errors.items():
             log.warning("SuperNode %d did not describe its site (will ask again next round): %s", n, why)
@@ -394,6 +429,11 @@ class Coordinator:
             log.error("SuperNode %d (site %s) refused for this run: its data has %s, the federation %s",
                       node, card.name, card.facts, self.facts)
             return
+        why = self.privacy.refusal(card, self.roster)
+        if why is not None:
+            self.rejected.add(node)
+            log.error("SuperNode %d (site %s) refused for this run: %s", node, card.name, why)
+            return
         if card.name in self.node_of:
             self.rejected.add(node)
             log.error("SuperNode %d claims site %s, which SuperNode %d already serves; refused for this run",
@@ -409,8 +449,9 @@ class Coordinator:
     # ---------------------------------------------------------------- helpers
     def _server(self) -> ServerRuntime:
         if self.server is None:
-            algorithm, models = make_algorithm(self.config, self._facts())
-            self.server = ServerRuntime(self.config, algorithm, models)
+            algorithm, models = make_algorithm(self.config, self._facts(), self.privacy.preparer(self.roster))
+            self.server = ServerRuntime(self.config, self.privacy.wrap(algorithm), models)
+            self.privacy.plan(self.roster, self.server, models)
         return self.server
 
     def _facts(self) -> ModelFacts:
@@ -419,7 +460,8 @@ class Coordinator:
         return self.facts
 
     def _header(self, site: str) -> codec.RunHeader:
-        return codec.RunHeader(run_key=self.run_key, config=self.config, base_round=self.last_accepted.get(site, -1))
+        return codec.RunHeader(run_key=self.run_key, config=self.config, base_round=self.last_accepted.get(site, -1),
+                               dp_ready=bool(self.privacy.dp_ready))
 
     def _message(self, content: RecordDict, site_or_node: str | int, kind: str, *, group: str) -> Message:
         node = self.node_of[site_or_node] if isinstance(site_or_node, str) else site_or_node
@@ -467,6 +509,7 @@ class Coordinator:
             "facts": dict(self._facts().__dict__),
             "sites": {s: c.to_json() for s, c in sorted(self.roster.items())},
             "last_accepted": dict(sorted(self.last_accepted.items())),
+            "privacy": self.privacy.state_dict(self._server().algorithm),  # every DP ledger as last reported
         }
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
@@ -481,8 +524,13 @@ class Coordinator:
         self.facts = ModelFacts(**st["facts"])
         self.roster = {s: codec.SiteCard.from_json(s, c) for s, c in st["sites"].items()}
         self.last_accepted = {s: int(r) for s, r in st["last_accepted"].items()}
-        algorithm, _ = make_algorithm(self.config, self.facts)
-        self.server = ServerRuntime(self.config, algorithm, ckpt.server_models)
+        algorithm, initial = make_algorithm(self.config, self.facts, self.privacy.restore_preparer(st.get("privacy")))
+        self.server = ServerRuntime(self.config, self.privacy.wrap(algorithm), ckpt.server_models)
+        try:  # spent budgets come back with the checkpoint; a restart never resets them
+            self.privacy.restore(st.get("privacy"), self.roster, self.server, initial,
+                                 where=f"{self.settings.run_dir}: round {ckpt.round}")
+        except LedgerStateError as exc:
+            raise rundir.RunDirError(str(exc)) from None
 
 
 def describe_error(code: int, reason: str) -> str:

@@ -23,11 +23,11 @@ from typing import Any
 
 from fedfew_med.config import ConfigError, FederationConfig, load_federation
 from fedfew_med.data import SiteData, build_sites
+from fedfew_med.dp.federation import dp_ready_preparer
 from fedfew_med.runtime import ModelFacts, SiteRuntime, local_runtimes, make_algorithm
 from fedfew_med.training import SiteState
 
 KEYS = ("site-config", "federation-config", "site-index", "state-dir")
-_PRIVACY_TABLES = ("privacy", "server_privacy")  # FederationConfig tables of fedfew_med.dp (absent in older configs)
 
 
 class NodeConfigError(ConfigError):
@@ -112,28 +112,14 @@ def _absolute(node_config: Mapping[str, Any], key: str, *, required: bool = Fals
     return path
 
 
-def site_runtime(config: FederationConfig, data: SiteData, state: SiteState) -> SiteRuntime:
-    """The site half of the round, built by the constructors the in-process simulation uses."""
-    algorithm, _ = make_algorithm(config, ModelFacts.of(data))
-    runtime = local_runtimes(config, [data], algorithm)[data.name]
+def site_runtime(config: FederationConfig, data: SiteData, state: SiteState, *, dp_ready: bool = False) -> SiteRuntime:
+    """The site half of the round, built by the constructors the in-process simulation uses.
+
+    ``dp_ready`` (from the coordinator: some site of the federation trains with DP) builds the
+    DP-ready network, as the simulation does for every site of such a federation.
+    """
+    prepare = dp_ready_preparer(config) if dp_ready else None
+    algorithm, _ = make_algorithm(config, ModelFacts.of(data), prepare)
+    runtime = local_runtimes(config, [data], algorithm, prepare=prepare)[data.name]
     runtime.state = state
     return runtime
-
-
-def privacy_requested(config: FederationConfig, data: SiteData | None = None) -> str | None:
-    """Where differential privacy is asked for (the federation's tables, or ``data``'s own), or None.
-
-    The Flower deployment does not apply ``fedfew_med.dp`` yet, so both sides refuse to run a
-    federation or site that asks for it rather than train without the privacy it was promised.
-    A table whose ``enabled`` is false asks for nothing.
-    """
-    for name in _PRIVACY_TABLES:
-        table = getattr(config, name, None) or {}
-        if table and table.get("enabled", True) is not False:
-            return f"{config.source}: [{name}]"
-    if data is None:
-        return None
-    own = data.metadata.get("privacy")
-    if isinstance(own, Mapping) and own and own.get("enabled", True) is not False:
-        return f"{data.metadata.get('site_file', data.name)}: [privacy]"
-    return None

@@ -182,3 +182,32 @@ def test_site_store_keeps_the_base_and_the_newest_snapshot(tmp_path):
         other.load(4)
     with pytest.raises(ValueError, match="run key"):
         SiteStore(tmp_path, run_key="../escape", site="a")
+
+
+def test_dp_fields_round_trip_and_only_the_sites_own_weight_travels(tmp_path):
+    config = write_config(tmp_path / "f.toml")
+    header = codec.decode_run(codec.encode_run(codec.RunHeader(run_key="k", config=config, base_round=-1, dp_ready=True)))
+    assert header.dp_ready is True
+    old = codec.encode_run(codec.RunHeader(run_key="k", config=config, base_round=-1))
+    del old["dp-ready"]  # a header without the field: not DP-ready
+    assert codec.decode_run(old).dp_ready is False
+    privacy = {"options": {"epsilon": 3.0, "delta": 1e-5}, "grad_sample_mode": "hooks"}
+    card = codec.SiteCard("site-a", 40, ModelFacts("classification", 1, 2, 2, 16), privacy=privacy)
+    assert codec.decode_site(codec.encode_site(card)) == card
+    assert codec.SiteCard.from_json("site-a", card.to_json()) == card
+    bad = codec.encode_site(card)
+    bad["privacy"] = '{"epsilon": 3}'
+    with pytest.raises(codec.CodecError, match="privacy must be a JSON object with 'options'"):
+        codec.decode_site(bad)
+    first = RoundInfo(round=2, num_rounds=5, participants=("a", "b"), site_weight={"a": 0.25, "b": 0.75}, extras={"mu": 0.5})
+    plan = codec.PrivacyPlan(rounds=(2, 4), first=first, ledger_digest="ab" * 32, ledger_entries=3, ledger_epsilon=1.5)
+    record = codec.encode_privacy_plan(plan, "b")
+    assert "0.25" not in str(record["plan"])  # site a's weight is not sent to site b
+    site, back = codec.decode_privacy_plan(record)
+    assert site == "b" and back.rounds == (2, 4) and (back.ledger_digest, back.ledger_entries, back.ledger_epsilon) == ("ab" * 32, 3, 1.5)
+    assert back.first == RoundInfo(round=2, num_rounds=5, participants=("b",), site_weight={"b": 0.75}, extras={"mu": 0.5})
+    record["plan"] = str(record["plan"]).replace('"rounds": [2, 4]', '"rounds": [3, 4]')
+    with pytest.raises(codec.CodecError, match="first round must be the first of its rounds"):
+        codec.decode_privacy_plan(record)
+    reply = codec.PrivacyReply(state={"ledger": {}}, report={"epsilon": math.inf}, declined=True)
+    assert codec.decode_privacy_reply(codec.encode_privacy_reply(reply)) == reply

@@ -248,39 +248,3 @@ def test_a_run_dir_in_use_or_of_another_config_is_refused(tmp_path):
     simulate(config, run_dir=tmp_path / "sim")
     with pytest.raises(rundir.RunDirError, match="simulation cannot be resumed"):
         Coordinator(grid, config, _settings(tmp_path, path, run_dir=tmp_path / "sim", resume=True)).run()
-
-
-def test_a_site_whose_own_config_asks_for_dp_refuses_to_train_and_is_recorded(tmp_path, monkeypatch):
-    """The Flower deployment does not apply DP yet: such a site must not train without it."""
-    import dataclasses
-
-    from fedfew_med.flower.node import NodeSettings
-
-    path = tmp_path / "fed.toml"
-    config = write_config(path, run={"rounds": 1})
-    real_load = NodeSettings.load_site
-
-    def with_privacy(self):
-        data = real_load(self)
-        if data.name != "site01-dark":
-            return data
-        return dataclasses.replace(data, metadata={**data.metadata, "privacy": {"epsilon": 3.0}, "site_file": "/h/site.toml"})
-
-    monkeypatch.setattr(NodeSettings, "load_site", with_privacy)
-    result = Coordinator(_grid(tmp_path, path), config, _settings(tmp_path, path)).run()
-    why = result.records[0]["failures"]["site01-dark"]
-    assert why.startswith("NotImplementedError: site 'site01-dark': /h/site.toml: [privacy] asks for differential privacy")
-    assert sorted(result.records[0]["server"]["sites"]) == ["site00-bright", "site02-noisy"]
-
-
-def test_a_federation_that_asks_for_dp_is_refused_before_anything_runs(tmp_path):
-    from fedfew_med.flower.coordinator import ServerConfigError
-
-    path = tmp_path / "fed.toml"
-    write_config(path, run={"rounds": 1})
-    grid = _grid(tmp_path, path)
-    for name, table in [("privacy", {"epsilon": 2.0}), ("server_privacy", {"clip": 1.0, "noise_multiplier": 1.0})]:
-        config = write_config(tmp_path / f"{name}.toml", run={"rounds": 1}, **{name: table})
-        with pytest.raises(ServerConfigError, match=rf"{name}\.toml: \[{name}\].*not applied by the Flower deployment"):
-            Coordinator(grid, config, _settings(tmp_path, path)).run()
-    assert grid.log == [] and not (tmp_path / "run").exists()

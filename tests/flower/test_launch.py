@@ -193,26 +193,6 @@ def test_cli_steps_build_the_same_commands(tmp_path, monkeypatch):
     assert args.func(args) == 0 and (tmp_path / "home" / "config.toml").exists()
 
 
-def test_privacy_is_requested_by_any_enabled_table():
-    from types import SimpleNamespace
-
-    from fedfew_med.flower.node import privacy_requested
-
-    def cfg(**tables):
-        return SimpleNamespace(**{"source": "fed.toml", "privacy": {}, "server_privacy": {}, **tables})
-
-    def site(table):
-        return SimpleNamespace(name="s", metadata={"privacy": table, "site_file": "/h/s.toml"} if table is not None else {})
-
-    assert privacy_requested(cfg()) is None and privacy_requested(cfg(), site(None)) is None
-    assert privacy_requested(cfg(privacy={"epsilon": 1.0})) == "fed.toml: [privacy]"
-    assert privacy_requested(cfg(privacy={"enabled": False, "epsilon": 1.0})) is None
-    assert privacy_requested(cfg(server_privacy={"clip": 1.0})) == "fed.toml: [server_privacy]"
-    assert privacy_requested(cfg(), site({"epsilon": 3.0})) == "/h/s.toml: [privacy]"
-    assert privacy_requested(cfg(), site({"enabled": False})) is None
-    assert privacy_requested(SimpleNamespace(source="old.toml")) is None  # a config from before fedfew_med.dp
-
-
 def test_the_flower_steps_are_fedfew_med_subcommands(tmp_path, capsys):
     from fedfew_med.cli import main
 

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,7 +69,9 @@ def _reason(exc: BaseException) -> str:
     """A short cause for a failed write, e.g. ``"No space left on device"``."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc)
+    # safetensors: "Error while serializing: I/O error: File too large (os error 27)"
+    io_error = re.search(r"I/O error: (.+?) \(os error \d+\)", str(exc))
+    return io_error.group(1) if io_error else str(exc)
 
 
 @dataclass

@@ -110,6 +110,17 @@ def test_existing_run_dir_is_protected(tmp_path, tiny_config):
     run(tiny_config, run_dir=tmp_path / "r", overwrite=True)
 
 
+def test_a_run_directory_is_locked_while_in_use(tmp_path, tiny_config):
+    from fedfew_med import rundir
+
+    d = tmp_path / "r"
+    with rundir.locked(d):  # another process (or coordinator) holds the run
+        with pytest.raises(RunDirError, match=r"in use by another process \(lock .*\.r\.lock\)"):
+            run(tiny_config, run_dir=d, stop_after=1)
+    assert (tmp_path / ".r.lock").exists() and not d.exists()  # the lock file stays: only a held lock refuses
+    assert run(tiny_config, run_dir=d, stop_after=1).rounds_completed == 1
+
+
 def test_a_crashing_site_is_skipped_and_recorded(tmp_path, tiny_config, monkeypatch):
     original = simulation.Federation.site_step
 

@@ -13,6 +13,11 @@ register       allow a site's public key to connect (``flwr supernode register``
 supernode      start one hospital's SuperNode with its site data and state directory
 run            start (or resume) a FedFew run with ``flwr run``
 =============  =============================================================================
+
+``superlink``, ``supernode`` and ``run`` take ``--policy POLICY.toml`` (the privacy officer's
+policy, e.g. ``privacy/policy.toml``): as ``simulate --policy`` refuses a federation whose sites
+break it, these refuse to start when the deployment breaks its TLS or site-authentication rules
+(:func:`fedfew_med.privacy.check_deployment`).
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ def add_parser(subparsers: Any, *, out: Out) -> argparse.ArgumentParser:
     p.add_argument("--round-timeout", type=float, help="seconds to wait for one phase's replies (default 600)")
     p.add_argument("--stop-after", type=int, help="stop after N rounds (resume later)")
     p.add_argument("--stream", action="store_true", help="follow the run's log")
+    _policy(p)
     p.add_argument("--flwr-home", help="Flower's home directory (default $FLWR_HOME or ~/.flwr)")
     p.set_defaults(func=lambda a: _run(a, out))
     return flower
@@ -109,6 +115,30 @@ def _security(p: argparse.ArgumentParser, *, node: bool) -> None:
         p.add_argument("--credentials", help="the directory made by `fedfew-med flower credentials`")
     p.add_argument("--insecure", action="store_true",
                    help="turn off TLS and SuperNode authentication (closed test networks only; logs a warning)")
+    _policy(p)
+
+
+def _policy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", metavar="POLICY.toml",
+                   help="refuse to start when this deployment breaks the privacy policy's TLS or authentication rules, "
+                   "e.g. privacy/policy.toml")
+
+
+def enforce_deployment(policy_path: str | None, *, tls: bool, authenticated: bool, what: str) -> None:
+    """``check_deployment`` of the policy at ``policy_path`` (if any); PolicyViolation naming every broken rule.
+
+    Worded as ``simulate --policy``: ``<what> breaks the privacy policy <file> (<name>); nothing was started:``
+    followed by one line per broken rule.
+    """
+    if not policy_path:
+        return
+    from fedfew_med.privacy import PolicyViolation, check_deployment, load_policy
+
+    policy = load_policy(policy_path)
+    broken = [v for v in check_deployment(policy, tls=tls, authenticated=authenticated) if v.ok is False]
+    if broken:
+        lines = "\n  ".join(v.message() for v in broken)
+        raise PolicyViolation(f"{what} breaks the privacy policy {policy.source} ({policy.name}); nothing was started:\n  {lines}", broken)
 
 
 # ------------------------------------------------------------------------ handlers
@@ -138,6 +168,8 @@ def credentials_from_dir(directory: str | Path, sites: Sequence[str] = ()) -> la
 
 
 def _superlink(args: argparse.Namespace, out: Out) -> int:
+    secure = not args.insecure  # TLS and SuperNode authentication go together
+    enforce_deployment(args.policy, tls=secure, authenticated=secure, what=f"this SuperLink{'' if secure else ' (--insecure)'}")
     creds = None
     if not args.insecure:
         if not args.credentials:
@@ -179,6 +211,8 @@ def _supernode(args: argparse.Namespace, out: Out) -> int:
         node_config["site-index"] = args.site_index
     else:
         raise ConfigError("supernode needs --site-config FILE, or --federation-config FILE --site-index N")
+    secure = not args.insecure
+    enforce_deployment(args.policy, tls=secure, authenticated=secure, what=f"this SuperNode{'' if secure else ' (--insecure)'}")
     if not args.insecure and not (args.ca and args.key):
         raise ConfigError("supernode needs --ca ca.crt and --key nodes/<site> (or --insecure on a closed test network)")
     cmd = launch.supernode_command(superlink=args.superlink, node_config=node_config, root_certificates=args.ca,
@@ -187,6 +221,10 @@ def _supernode(args: argparse.Namespace, out: Out) -> int:
 
 
 def _run(args: argparse.Namespace, out: Out) -> int:
+    if args.policy:  # the connection's own security (a fedfew-med SuperLink authenticates sites whenever it has TLS)
+        secure = not connection_insecure(_flwr_home(args), args.connection)
+        enforce_deployment(args.policy, tls=secure, authenticated=secure,
+                           what=f"connection {args.connection!r}{'' if secure else ' (insecure)'}")
     run_config: dict[str, str | int | float | bool] = {
         "federation-config": str(Path(args.federation_config).resolve()),
         "run-dir": str(Path(args.run_dir).resolve()),
@@ -200,6 +238,18 @@ def _run(args: argparse.Namespace, out: Out) -> int:
             run_config[attr.replace("_", "-")] = value
     cmd = launch.flwr_run_command(args.connection, run_config, stream=args.stream)
     return int(subprocess.run(cmd, env=launch.flower_env(flwr_home=_flwr_home(args)), check=False).returncode)
+
+
+def connection_insecure(flwr_home: Path, name: str) -> bool:
+    """Whether the flwr CLI's connection ``name`` (``$FLWR_HOME/config.toml``) is insecure; ConfigError if unknown."""
+    import tomllib
+
+    path = flwr_home / "config.toml"
+    data = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    entry = data.get("superlink", {}).get(name)
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{path}: no SuperLink connection {name!r}; save it with `fedfew-med flower connect {name} ...`")
+    return bool(entry.get("insecure", False))
 
 
 def _flwr_home(args: argparse.Namespace) -> Path:

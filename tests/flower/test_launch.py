@@ -200,3 +200,33 @@ def test_the_flower_steps_are_fedfew_med_subcommands(tmp_path, capsys):
     assert "nodes/h-a.pub" in capsys.readouterr().out and (tmp_path / "c" / "server.pem").is_file()
     assert main(["flower", "superlink"]) == 2  # neither credentials nor an explicit --insecure
     assert "--credentials" in capsys.readouterr().err
+
+
+def test_a_policy_refuses_an_insecure_deployment_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """``--policy`` checks TLS and site authentication (check_deployment), worded as ``simulate --policy``."""
+    from fedfew_med.cli import main
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[policy]\nname = "consortium"\nrequire_tls = true\nrequire_authenticated_sites = true\n')
+    execs: list[list[str]] = []
+    monkeypatch.setattr(commands.os, "execvpe", lambda file, cmd, env: execs.append(cmd))
+    assert main(["flower", "superlink", "--insecure", "--policy", str(policy)]) == 2
+    err = capsys.readouterr().err
+    assert f"this SuperLink (--insecure) breaks the privacy policy {policy} (consortium); nothing was started:" in err
+    assert "the deployment breaks rule require_tls: required TLS, has no TLS" in err
+    assert "the deployment breaks rule require_authenticated_sites: required authenticated sites, has no authenticated sites" in err
+    assert main(["flower", "supernode", "--insecure", "--superlink", "h:9091", "--state-dir", str(tmp_path / "st"),
+                 "--site-config", str(tmp_path / "s.toml"), "--policy", str(policy)]) == 2
+    assert "this SuperNode (--insecure) breaks the privacy policy" in capsys.readouterr().err
+    assert execs == []  # nothing was started
+    main(["flower", "credentials", str(tmp_path / "c"), "--site", "a", "--host", "127.0.0.1"])
+    assert main(["flower", "superlink", "--credentials", str(tmp_path / "c"), "--policy", str(policy)]) == 0
+    assert len(execs) == 1  # a secure SuperLink complies and starts
+    home = tmp_path / "home"
+    assert main(["flower", "connect", "test", "--superlink", "h:9091", "--insecure", "--flwr-home", str(home)]) == 0
+    assert main(["flower", "run", "test", "--federation-config", "f.toml", "--run-dir", "r", "--flwr-home", str(home),
+                 "--policy", str(policy)]) == 2
+    assert "connection 'test' (insecure) breaks the privacy policy" in capsys.readouterr().err
+    lax = tmp_path / "lax.toml"
+    lax.write_text("[policy]\nrequire_tls = false\nrequire_authenticated_sites = false\n")
+    assert main(["flower", "superlink", "--insecure", "--policy", str(lax)]) == 0 and len(execs) == 2

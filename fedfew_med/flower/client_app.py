@@ -19,12 +19,17 @@ Three message handlers, each a thin skin over :class:`~fedfew_med.runtime.SiteRu
     split; the model chosen for deployment is recorded in the site's state
     directory (``deployed.json``); the training state is untouched.
 
+A handler's error is logged in full at the site and reaches the coordinator without
+paths or file names (:mod:`fedfew_med.flower.site_errors`).
+
 Flower starts a fresh ClientApp process for every message, so nothing is cached
 between messages except the site state kept in ``context.state`` (a copy of the
 last snapshot; the disk copy survives SuperNode restarts).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, RecordDict
@@ -34,6 +39,7 @@ from fedfew_med.data import SiteData
 from fedfew_med.flower import codec
 from fedfew_med.flower.logs import forward_logs
 from fedfew_med.flower.node import NodeSettings, site_runtime
+from fedfew_med.flower.site_errors import site_errors
 from fedfew_med.flower.site_privacy import SiteLedger, privacy_card
 from fedfew_med.flower.site_store import SiteStore
 from fedfew_med.runtime import ModelFacts
@@ -45,7 +51,7 @@ app = ClientApp()
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Describe this site: name, sample count, model facts, protocol label."""
-    with forward_logs():
+    with forward_logs(), site_errors("query", _places(context)):
         data = NodeSettings.from_node_config(context.node_config).load_site()
         privacy = None
         if codec.RUN in msg.content.config_records:  # the federation's [privacy] and this site's own resolve together
@@ -64,7 +70,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One local round; the state is saved only if the step succeeds and validates."""
-    with forward_logs():
+    with forward_logs(), site_errors("train", _places(context)):
         settings = NodeSettings.from_node_config(context.node_config)
         header = codec.decode_run(msg.content.config_records[codec.RUN])
         info = codec.decode_round(msg.content.config_records[codec.ROUND])
@@ -100,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The deployed model's test metrics at this site (the state is read, never changed)."""
-    with forward_logs():
+    with forward_logs(), site_errors("evaluate", _places(context)):
         settings = NodeSettings.from_node_config(context.node_config)
         header = codec.decode_run(msg.content.config_records[codec.RUN])
         site, round_idx = codec.decode_evaluate(msg.content.config_records[codec.EVALUATE])
@@ -115,6 +121,15 @@ def evaluate(msg: Message, context: Context) -> Message:
         entry = runtime.evaluate(list(models.values()), round_idx)
         store.save_choice(round_idx, entry)
         return Message(RecordDict({codec.EVALUATION: codec.encode_evaluation(entry)}), reply_to=msg)
+
+
+def _places(context: Context) -> dict[str, Path | None]:
+    """The node's local paths, as given in ``--node-config``, and the placeholders that replace them in errors."""
+    places: dict[str, Path | None] = {}
+    for key in ("state-dir", "site-config", "federation-config"):
+        value = context.node_config.get(key)
+        places[f"<{key}>"] = Path(value) if isinstance(value, str) and value else None
+    return places
 
 
 def _protocol(data: SiteData) -> str | None:

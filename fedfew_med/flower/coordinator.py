@@ -537,5 +537,8 @@ def describe_error(code: int, reason: str) -> str:
     """A Flower error reply as ``"Kind: message"``, like the simulation's failure strings."""
     match = _CLIENT_EXCEPTION.match(reason.strip())
     if code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION and match:
-        return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
+        kind = match.group(1).rsplit(".", 1)[-1]
+        if kind == "SiteFailure":  # fedfew_med.flower.site_errors: already "Kind: message", without the site's paths
+            return str(match.group(2))
+        return f"{kind}: {match.group(2)}"
     return f"{_ERROR_NAMES.get(code, f'FlowerError{code}')}: {reason}"

@@ -49,6 +49,11 @@ def _ledger_file(tmp_path: Path, run_key: str, index: int) -> Path:
     return tmp_path / f"state{index}" / run_key / NAMES[index] / FILE
 
 
+def _as_sent(tmp_path: Path, path: Path, index: int) -> str:
+    """How a site's error names its file to the coordinator: the state dir as ``<state-dir>`` (site_errors)."""
+    return str(path).replace(str(tmp_path / f"state{index}"), "<state-dir>")
+
+
 @pytest.mark.parametrize(
     ("tables", "rounds"),
     [(CLIENT, 2), ({**CLIENT, **SERVER}, 2), (SERVER, 2), (STOPS, 3)],
@@ -173,7 +178,8 @@ def test_a_site_whose_ledger_was_deleted_reset_or_edited_refuses_to_train(tmp_pa
     rec = result.records[0]
     assert rec["round"] == 1 and list(rec["failures"]) == [NAMES[1]]
     why = rec["failures"][NAMES[1]]
-    assert why.startswith(f"SiteLedgerError: site '{NAMES[1]}': its privacy ledger {ledger_file} ")
+    assert why.startswith(f"SiteLedgerError: site '{NAMES[1]}': its privacy ledger {_as_sent(tmp_path, ledger_file, 1)} ")
+    assert str(tmp_path) not in why and "site log reference" in why
     assert message in why and "refusing to train" in why
     assert NAMES[1] not in rec["site_losses"] and sorted(rec["site_losses"]) == [NAMES[0], NAMES[2]]
     # the coordinator keeps what the site spent before: its ε did not go back to 0
@@ -196,4 +202,4 @@ def test_a_ledger_file_deleted_under_a_running_supernode_is_refused_by_its_conte
     state_file.write_text(json.dumps(meta))
     result = Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()
     why = result.records[0]["failures"][NAMES[2]]
-    assert f"its privacy ledger {ledger_file} is missing, but this SuperNode's context holds one of " in why
+    assert f"its privacy ledger {_as_sent(tmp_path, ledger_file, 2)} is missing, but this SuperNode's context holds one of " in why

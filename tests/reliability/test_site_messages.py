@@ -46,16 +46,29 @@ INPUT_SIZE = (8, 8)  # after the site's preprocessing
 SITES = ("hospital-a", "hospital-b")
 
 ALLOWED_RECORDS: dict[str, set[str]] = {  # record name -> keys a site may send in it
-    "fedfew.site": {"name", "num-train", "protocol", "task", "in-channels", "num-classes", "spatial-dims", "image-size"},
+    "fedfew.site": {"name", "num-train", "protocol", "task", "in-channels", "num-classes", "spatial-dims", "image-size",
+                    "privacy"},
     "fedfew.reply": {"num-samples", "losses"},
     "fedfew.reply-info": {"info"},
     "fedfew.evaluation": {"entry"},
+    "fedfew.privacy": {"state", "report", "declined"},  # a DP site: its ledger state and privacy report
 }
 JSON_KEYS = {  # keys allowed in the JSON strings of fedfew.reply-info / fedfew.evaluation
     "info": {"trained", "personal_loss", "cluster", "local_loss"},
     "entry": {"model", "scores", "metrics", "metrics_finetuned"},
+    "privacy": {"options", "grad_sample_mode"},
+    "state": {"calibration", "ledger", "stopped_round"},
+    "report": {"accountant", "delta", "digest", "epsilon", "grad_sample_mode", "loss_clip", "loss_noise_multiplier",
+               "loss_releases", "max_grad_norm", "mechanisms", "noise_multiplier", "physical_batch_size", "planned",
+               "remaining_epsilon", "round", "sample_rate", "steps", "stopped", "target_epsilon"},
 }
 METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# the DP records (query's privacy options, a train reply's ledger state and report) also hold names and digests:
+# short tokens (an accountant, a mechanism, a hex digest, a site name), never a sentence, a path or a file name
+JSON_TOKENS = {"privacy", "state", "report"}
+TOKEN = re.compile(r"^[A-Za-z0-9_.:+\-]{0,64}$")
+SLOT_LABEL = re.compile(r"^[a-z]+/\d+(:[a-z]+)?$")  # a ledger entry's model slot, e.g. 'server/0', 'server/1:val'
+
 MAX_STRING = 64
 
 
@@ -92,20 +105,22 @@ class CapturingGrid(LocalGrid):
 
 
 @pytest.fixture
-def federation(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def federation(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    dp = getattr(request, "param", False)  # the sites train with DP: their replies carry ledgers and privacy reports
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     roots = [tmp_path / f"{SENTINEL}_data_{i}" for i in range(len(SITES))]
     sites = [write_site(root, i) for i, root in enumerate(roots)]
     config_path = tmp_path / "fed.toml"
-    config = write_config(config_path, run={"rounds": 2, "eval_every": 1}, algorithm={"name": "fedfew", "params": {"k": 2, "mu": 0.01}})
+    config = write_config(config_path, run={"rounds": 2, "eval_every": 1}, algorithm={"name": "fedfew", "params": {"k": 2, "mu": 0.01}},
+                          **({"privacy": {"epsilon": 50.0, "noise_multiplier": 1.0, "loss_noise_multiplier": 5.0}} if dp else {}))
     nodes = {101 + i: {"site-config": str(site), "state-dir": str(root / f"{SENTINEL}_state")}
              for i, ((site, _), root) in enumerate(zip(sites, roots, strict=True))}
     grid = CapturingGrid(client_app, nodes)
     settings = ServerSettings(federation_config=config_path, run_dir=tmp_path / "run", connect_timeout=1.0,
                               query_timeout=5.0, round_timeout=30.0, poll_interval=0.05)
     yield {"grid": grid, "config": config, "settings": settings, "roots": roots, "images": [im for _, ims in sites for im in ims],
-           "tmp": tmp_path}
+           "tmp": tmp_path, "dp": dp}
     torch.set_num_threads(saved)
 
 
@@ -127,19 +142,24 @@ def walk_strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
             yield from walk_strings(v, f"{where}[{i}]")
 
 
-def check_json(payload: Any, allowed: set[str], where: str) -> None:
-    """Decoded JSON: a dict of allow-listed keys; below them only numbers, None, metric names and lists."""
+def check_json(payload: Any, allowed: set[str], where: str, *, tokens: bool = False) -> None:
+    """Decoded JSON: a dict of allow-listed keys; below them only numbers, None, metric names and lists.
+
+    With ``tokens``, keys and values below the top level may also be short tokens (:data:`TOKEN`).
+    """
     assert isinstance(payload, dict), f"{where}: expected a JSON object, got {payload!r}"
     assert set(payload) <= allowed, f"{where}: keys {sorted(set(payload) - allowed)} are not allowed"
 
     def leaves(v: Any, at: str) -> None:
         if isinstance(v, dict):
             for k, x in v.items():
-                assert METRIC_NAME.match(k), f"{at}: key {k!r} is not a metric name"
+                assert METRIC_NAME.match(k) or (tokens and TOKEN.match(k)), f"{at}: key {k!r} is not a metric name"
                 leaves(x, f"{at}.{k}")
         elif isinstance(v, list):
             for i, x in enumerate(v):
                 leaves(x, f"{at}[{i}]")
+        elif tokens and isinstance(v, (str, bool)):
+            assert isinstance(v, bool) or TOKEN.match(v) or SLOT_LABEL.match(v), f"{at}: {v!r} is not a short token"
         else:
             assert v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), f"{at}: {v!r} is not a number"
 
@@ -178,10 +198,10 @@ def inspect_reply(msg: Any, *, expected: dict[str, tuple[int, ...]], forbidden: 
         assert set(config) <= ALLOWED_RECORDS[name], f"{kind}: {name} keys {sorted(set(config) - ALLOWED_RECORDS[name])}"
         strings.append((f"{name}.<name>", name))
         for key, value in config.items():
-            assert isinstance(value, (int, float, str)) and not isinstance(value, bool), f"{kind}: {name}.{key} = {value!r}"
-            if key in JSON_KEYS:
+            assert isinstance(value, (int, float, str)) and (key == "declined" or not isinstance(value, bool)), f"{kind}: {name}.{key} = {value!r}"
+            if key in JSON_KEYS and value != "":
                 payload = json.loads(str(value))
-                check_json(payload, JSON_KEYS[key], f"{kind}: {name}.{key}")
+                check_json(payload, JSON_KEYS[key], f"{kind}: {name}.{key}", tokens=key in JSON_TOKENS)
                 strings += list(walk_strings(payload, f"{name}.{key}"))
             else:
                 strings += list(walk_strings(value, f"{name}.{key}"))
@@ -189,12 +209,13 @@ def inspect_reply(msg: Any, *, expected: dict[str, tuple[int, ...]], forbidden: 
             strings.append((f"{name}.<key>", key))
     for where, text in strings:
         assert len(text) <= MAX_STRING, f"{kind}: {where} is a long text ({len(text)} characters)"
-        assert "/" not in text and "\\" not in text, f"{kind}: {where} = {text!r} looks like a path"
+        assert ("/" not in text or SLOT_LABEL.match(text)) and "\\" not in text, f"{kind}: {where} = {text!r} looks like a path"
         for bad in forbidden:
             assert bad not in text, f"{kind}: {where} = {text!r} holds {bad!r}"
     return str(kind)
 
 
+@pytest.mark.parametrize("federation", [False, True], indirect=True, ids=["plain", "dp"])
 @pytest.mark.usefixtures("task_identity")
 def test_every_message_a_site_sends_holds_only_models_and_allow_listed_numbers(federation):
     grid = federation["grid"]
@@ -207,6 +228,8 @@ def test_every_message_a_site_sends_holds_only_models_and_allow_listed_numbers(f
     # every kind of message was seen: one query, two train and two evaluate replies per site
     assert sorted(kinds) == sorted(["query"] * 2 + ["train"] * 4 + ["evaluate"] * 4)
     assert sum(len(m.content.array_records) for m in grid.captured) > 0  # the train replies did carry models
+    trains = [m for m in grid.captured if m.metadata.message_type == "train"]
+    assert all(("fedfew.privacy" in m.content.config_records) == federation["dp"] for m in trains)  # and DP ledgers
     # and the sentinels were really there to be leaked: the coordinator's run directory holds none of them
     for path in (federation["tmp"] / "run").rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl"):
@@ -238,10 +261,6 @@ def test_the_inspector_catches_a_leak(federation):
                       images=[federation["images"][0]])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LEAK: fedfew_med/flower/client_app.py query/train/evaluate do not catch their exceptions, so Flower sends "
-    "str(exception) to the coordinator (fakegrid does what flwr.supernode's run_clientapp does), and the "
-    "project's errors name the site file / data file with its path. A site whose data goes bad sends its paths."))
 @pytest.mark.usefixtures("task_identity")
 def test_a_failing_site_sends_no_path_in_its_error(federation):
     grid = federation["grid"]
@@ -250,6 +269,7 @@ def test_a_failing_site_sends_no_path_in_its_error(federation):
     Coordinator(grid, federation["config"], federation["settings"]).run()
     errors = [m.error.reason for m in grid.captured if m.has_error()]
     assert errors  # hospital-b refused every message
-    for reason in errors:
+    for reason in errors:  # what failed, and where the site's administrator finds the details
+        assert reason.count("SiteValidationError while handling a ") == 1 and "site log reference" in reason, reason
         for bad in forbidden_strings(federation):
             assert bad not in reason, f"an error reply holds {bad!r}: {reason[:300]}"

@@ -7,7 +7,8 @@ Layout under the SuperNode's ``state-dir``::
 
 A snapshot holds the site's :class:`~fedfew_med.training.SiteState` *after* that
 round (tensors ``t<i>``; the safetensors header metadata maps each to its kind,
-slot and name, and records site, run key and round). It is written to a
+slot and name, and records site, run key, round and the SHA-256 of the tensors,
+checked on every load, so a changed or corrupt byte is refused). It is written to a
 temporary file, fsynced and renamed, so a crash leaves either the old or the new
 snapshot, never half of one.
 
@@ -22,6 +23,7 @@ base and the one just written can be deleted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -86,6 +88,11 @@ class SiteStore:
         if meta.get("site") != self.site or meta.get("run_key") != self.run_key or meta.get("round") != str(round_idx):
             raise SiteStateError(f"{path}: snapshot belongs to site {meta.get('site')!r}, run {meta.get('run_key')!r}, "
                                  f"round {meta.get('round')!r}")
+        if "sha256" not in meta or "index" not in meta:
+            raise SiteStateError(f"{path}: state snapshot records no {'sha256' if 'index' in meta else 'index'}; it cannot be verified")
+        if tensors_sha256(tensors, meta["index"]) != meta["sha256"]:
+            raise SiteStateError(f"{path}: the snapshot's tensors do not match its SHA-256 (a changed or corrupt file); "
+                                 "restore it, or start a new run")
         return unflatten_state(tensors, json.loads(meta["index"]))
 
     def save(self, round_idx: int, state: SiteState, *, keep: int | None = None) -> Path:
@@ -93,6 +100,7 @@ class SiteStore:
         self.root.mkdir(parents=True, exist_ok=True)
         tensors, index = flatten_state(state)
         meta = {"site": self.site, "run_key": self.run_key, "round": str(round_idx), "index": json.dumps(index)}
+        meta["sha256"] = tensors_sha256(tensors, meta["index"])
         final = self.path(round_idx)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         save_file({k: t.clone() for k, t in tensors.items()}, str(tmp), metadata=meta)
@@ -122,6 +130,16 @@ class SiteStore:
             return None
         choice: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         return choice
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor], index: str) -> str:
+    """SHA-256 over the index and every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(index.encode("utf-8"))
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: a 0-dim tensor cannot be viewed
+    return h.hexdigest()
 
 
 def flatten_state(state: SiteState) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:

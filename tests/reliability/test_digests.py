@@ -5,8 +5,9 @@ Table-driven over every place that reads model weights from a run directory: the
 (:func:`fedfew_med.evaluation.load_run`, :meth:`Run.final_models`), a resumed simulation and a
 resumed Flower coordinator. The byte flipped is the file's last one, in the tensor data: the
 file still parses as safetensors, so only the digest can tell (safetensors has no checksum).
-The site's own snapshots (:mod:`fedfew_med.flower.site_store`) carry no digest yet: that case
-is an expected failure, listed so that it turns into a pass when they do.
+A Flower site's own state snapshots (:mod:`fedfew_med.flower.site_store`) carry the SHA-256 of
+their tensors in their header: a flipped byte, a dropped digest, re-written tensors or an edited
+index are each refused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fedfew_med import checkpoint, evaluation
 from fedfew_med.audit.report import digests
 from fedfew_med.checkpoint import CheckpointError
 from fedfew_med.config import FederationConfig, federation_from_dict
-from fedfew_med.flower.site_store import SiteStore
+from fedfew_med.flower.site_store import SiteStateError, SiteStore
 from fedfew_med.simulation import run
 from fedfew_med.training import SiteState
 from tests.conftest import tiny_dict
@@ -158,15 +159,36 @@ def test_the_audit_report_flags_a_changed_model_file(tmp_path, finished):
     assert not digests(run_dir)["verified"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fedfew_med/flower/site_store.py (SiteStore.save/load, owned by the DP-on-Flower work) records no digest of its "
-    "snapshots: a flipped byte in the tensor data loads silently. Remove this mark when it verifies one."))
-def test_a_site_state_snapshot_with_a_flipped_byte_is_refused(tmp_path):
+def _resave(path, edit):
+    """Rewrite a snapshot with its tensors and ``edit(metadata)``: a header someone changed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta, tensors = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    edit(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (flip_last_byte, "do not match its SHA-256"),
+        (lambda p: _resave(p, lambda m, t: m.pop("sha256")), "records no sha256"),
+        (lambda p: _resave(p, lambda m, t: t.update(t0=t["t0"] + 1)), "do not match its SHA-256"),  # re-written tensors
+        (lambda p: _resave(p, lambda m, t: m.update(index=m["index"].replace("personal", "other"))), "do not match"),
+    ],
+    ids=["flipped-byte", "no-digest", "new-tensor-values", "edited-index"],
+)
+def test_a_site_state_snapshot_that_changed_is_refused(tmp_path, damage, message):
     store = SiteStore(tmp_path, run_key="run-1", site="site-a")
     state = SiteState()
-    state.models["personal"] = {"w": torch.arange(16, dtype=torch.float32)}
+    state.models["personal"] = {"w": torch.arange(16, dtype=torch.float32), "step": torch.tensor(3)}
+    state.buffers["personal"] = {"flag": torch.tensor([True, False])}
     path = store.save(0, state)
-    assert torch.equal(store.load(0).models["personal"]["w"], state.models["personal"]["w"])
-    flip_last_byte(path)
-    with pytest.raises(Exception, match=re.escape(str(path))):
+    loaded = store.load(0)  # a 0-dim and a bool tensor are digested too
+    assert torch.equal(loaded.models["personal"]["w"], state.models["personal"]["w"])
+    assert torch.equal(loaded.models["personal"]["step"], state.models["personal"]["step"])
+    damage(path)
+    with pytest.raises(SiteStateError, match=re.escape(str(path)) + ".*" + message):
         store.load(0)

@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 from fedfew_med import checkpoint  # noqa: E402
-from fedfew_med.config import FederationConfig, federation_from_dict, load_federation  # noqa: E402
+from fedfew_med.config import MAX_ROUNDS, FederationConfig, federation_from_dict, load_federation  # noqa: E402
 from fedfew_med.data import SiteData, build_sites  # noqa: E402
 from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_metrics  # noqa: E402
 from fedfew_med.simulation import Federation, run  # noqa: E402
@@ -282,9 +282,17 @@ def validation_scores(config: FederationConfig, sites: Sequence[SiteData], run_d
 
 
 def cache_key(dataset: Dataset, config: FederationConfig) -> str:
-    """What a run's result depends on: the data set (its sites) and the whole run config."""
+    """What a run's result depends on: the data set (its sites) and the whole run config.
+
+    A run that evaluates only at its end is keyed with ``eval_every = 10**6``, however it is
+    written, as the first cached runs were (before [run].eval_every was bounded).
+    """
+    resolved = config.to_dict()
+    if resolved["run"]["eval_every"] >= resolved["run"]["rounds"]:
+        resolved["run"]["eval_every"] = 10**6
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     blob = json.dumps({"dataset": dataset.name, "sites": [(s.name, s.size("train"), s.size("val"), s.size("test")) for s in dataset.sites],
-                       "meta": dataset.meta, "config": config.digest(), "torch": torch.__version__}, sort_keys=True, default=str)
+                       "meta": dataset.meta, "config": digest, "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -295,7 +303,7 @@ def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | N
     and reused, so a benchmark stopped after some configurations continues where it stopped, and
     several invocations with disjoint ``--methods`` can share the work.
     """
-    config = dataset.with_overrides([*cfg.overrides, f"run.seed={seed}", f"run.eval_every={10**6}"])
+    config = dataset.with_overrides([*cfg.overrides, f"run.seed={seed}", f"run.eval_every={MAX_ROUNDS}"])  # only at the end
     cached = cache / f"{cache_key(dataset, config)}.json" if cache is not None else None
     if cached is not None and cached.is_file():
         return {**json.loads(cached.read_text()), "cached": True}

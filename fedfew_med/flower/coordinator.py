@@ -322,7 +322,7 @@ class Coordinator:
                     declined.append(s)
                     continue
                 reply = codec.decode_reply(answers[s].content)
-                validate_reply(reply, sent[s], server.algorithm.num_models)
+                validate_reply(reply, sent[s], server.algorithm.num_models, max_update_norm=self.config.faults.max_update_norm)
             except Exception as exc:  # a malformed update must not crash the federation
                 failures[s] = f"{type(exc).__name__}: {exc}"
                 continue

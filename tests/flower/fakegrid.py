@@ -44,6 +44,7 @@ class LocalGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.log: list[tuple[str, int, str]] = []  # (message type, node, group id) of every message pushed
         self.before_handle: Callable[[Message], None] | None = None
+        self.after_handle: Callable[[Message], Message] | None = None  # e.g. a site that tampers with its reply
         self._run: Any = None
 
     # ----------------------------------------------------------------- Grid API
@@ -89,7 +90,8 @@ class LocalGrid(Grid):
         try:
             if self.before_handle is not None:
                 self.before_handle(msg)
-            return self.app(msg, context)
+            reply = self.app(msg, context)
+            return reply if self.after_handle is None else self.after_handle(reply)
         except Exception as ex:  # what flwr.supernode.runtime.run_clientapp does
             reason = str(type(ex)) + ":<'" + str(ex) + "'>"
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)

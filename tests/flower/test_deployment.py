@@ -51,9 +51,15 @@ def _models(run_dir: Path, k: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def test_two_rounds_over_tls_with_authenticated_sites_equal_the_simulation(tmp_path):
+# DP at every site (fixed noise: no σ search in each ClientApp process) and at the server
+DP = {"privacy": {"epsilon": 50.0, "noise_multiplier": 1.0, "loss_noise_multiplier": 5.0},
+      "server_privacy": {"clip": 1.0, "noise_multiplier": 0.8}}
+
+
+@pytest.mark.parametrize("tables", [{}, DP], ids=["plain", "dp"])
+def test_two_rounds_over_tls_with_authenticated_sites_equal_the_simulation(tmp_path, tables):
     config_path = tmp_path / "federation.toml"
-    config = write_config(config_path, run={"rounds": 2})
+    config = write_config(config_path, run={"rounds": 2}, **tables)
     expected = simulate(config, run_dir=tmp_path / "sim")
     run_dir = tmp_path / "run"
     with _federation(tmp_path, config_path) as fed:
@@ -80,6 +86,14 @@ def test_two_rounds_over_tls_with_authenticated_sites_equal_the_simulation(tmp_p
         (r["round"], r["participants"], r["failures"], r["assignments"]) for r in theirs
     ]
     assert [r["bytes"] for r in ours] == [r["bytes"] for r in theirs]
+    if tables:  # each site's ledger (ε, σ, steps, digest) and the server's, round by round, as in the simulation
+        assert [(r["privacy"], r["privacy_stopped"], r["server_privacy"]) for r in ours] == [
+            (r["privacy"], r["privacy_stopped"], r["server_privacy"]) for r in theirs
+        ]
+        assert all(0 < ours[-1]["privacy"][name]["epsilon"] for name in NAMES)
+        for name in NAMES:  # and it is on the site's disk, where a restarted SuperNode finds it
+            [ledger] = (tmp_path / f"state-{name}").glob(f"*/{name}/privacy.json")
+            assert json.loads(ledger.read_text())["site"] == name
 
 
 def test_a_stopped_site_is_recorded_and_a_restarted_server_resumes_from_the_last_round(tmp_path):

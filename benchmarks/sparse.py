@@ -10,7 +10,9 @@ Rows (K = 3, μ = 0.01, the reference setting, for every FedFew row; nothing is 
 trade-off curve): full; top-r with r = 1, 2; threshold 0.1 and 0.3; FedAvg; IFCA K = 3.
 Bytes are what the simulator counts on the wire (server → sites and sites → server, all sites),
 averaged per round. The data sets are those of ``benchmarks/quality.py`` (``--dataset``).
-Output: ``benchmarks/results/sparse_<dataset>[_quick].json``, ``.md`` and ``.png``.
+Output: ``benchmarks/results/sparse_<dataset>[_quick].json``, ``.md`` and ``.png``. Finished runs are
+cached with ``benchmarks/quality.py``'s (``--cache-dir``), so the full, FedAvg and IFCA rows reuse
+its runs of the same configuration.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="override the data set's rounds (e.g. 1 for a smoke test)")
     parser.add_argument("--fmnist-root", type=Path, default=None)
     parser.add_argument("--fmnist-records", type=int, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "bench-cache",
+                        help="finished runs are kept here and reused, shared with quality.py (the same run is keyed the same)")
+    parser.add_argument("--no-cache", action="store_true", help="run everything again")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Only one class is present")
@@ -113,9 +118,10 @@ def main() -> None:
         dataset.base_overrides.append(f"run.rounds={args.rounds}")
         dataset.config = dataset.with_overrides([])
     methods: dict[str, Any] = {}
+    cache = None if args.no_cache else args.cache_dir / f"quality_{dataset.name}{'_quick' if args.quick else ''}"
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in configs():
-            runs = [run_one(dataset, cfg, seed, Path(tmp)) for seed in seeds]
+            runs = [run_one(dataset, cfg, seed, Path(tmp), cache) for seed in seeds]
             methods[cfg.method] = {**aggregate(runs), "per_seed": runs}
             row = methods[cfg.method]
             print(f"{cfg.method:<14} {row['bytes_per_round'] / 1e3:10.1f} kB/round  mean {row['mean']:.3f}  worst {row['worst']:.3f}",

@@ -28,8 +28,14 @@ def run_script(name: str, *args: str, timeout: int = 300) -> str:
 
 
 def test_quality_quick_on_demo(tmp_path: Path) -> None:
-    run_script("quality.py", "--dataset", "demo", "--quick", "--ks", "3", "--rounds", "1", "--out", str(tmp_path))
+    args = ("--dataset", "demo", "--quick", "--ks", "3", "--rounds", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"))
+    run_script("quality.py", *args)
     res = json.loads((tmp_path / "quality_demo_quick.json").read_text())
+    assert res["cached_runs"] == 0  # a fresh cache: every run was made
+    run_script("quality.py", *args)  # again: every run comes from the cache, with the same figures
+    again = json.loads((tmp_path / "quality_demo_quick.json").read_text())
+    assert again["cached_runs"] == sum(len(row["per_seed"]) * len(row["grid"]) for row in res["methods"].values())
+    assert {m: r["mean"] for m, r in again["methods"].items()} == {m: r["mean"] for m, r in res["methods"].items()}
     assert set(res["methods"]) == {"fedfew K=3", "local", "fedavg", "fedprox", "ifca K=3", "ditto", "fedavg_ft"}
     for row in res["methods"].values():
         assert 0.0 <= row["mean"] <= 1.0 and row["worst"] <= row["mean"] and row["selected"] in row["grid"]
@@ -45,13 +51,13 @@ def test_quality_quick_on_tiny_fashion_mnist(tmp_path: Path) -> None:
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, compress=False)
     out = tmp_path / "out"
     run_script("quality.py", "--dataset", "fmnist-path2", "--quick", "--ks", "3", "--rounds", "1", "--fmnist-root", str(tmp_path),
-               "--methods", "fedfew", "fedavg", "--out", str(out))
+               "--methods", "fedfew", "fedavg", "--out", str(out), "--no-cache")
     res = json.loads((out / "quality_fmnist-path2_quick.json").read_text())
     assert set(res["methods"]) == {"fedfew K=3", "fedavg"} and len(res["partition"]) == 20
 
 
 def test_sparse_quick(tmp_path: Path) -> None:
-    run_script("sparse.py", "--dataset", "demo", "--quick", "--rounds", "1", "--out", str(tmp_path))
+    run_script("sparse.py", "--dataset", "demo", "--quick", "--rounds", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c"))
     res = json.loads((tmp_path / "sparse_demo_quick.json").read_text())
     rows = res["methods"]
     assert rows["fedfew top-1"]["bytes_per_round"] < rows["fedfew full"]["bytes_per_round"]

@@ -39,7 +39,9 @@ FedAvg + FT    fine-tune epochs ∈ {1, 2, 5}
 =============  ===========================================  ==========================
 
 FedFew's client learning rate is never tuned (it keeps the data set's), so FedFew is tuned no more than
-the baselines. K values larger than the number of sites are skipped. The partition is fixed (seed 0);
+the baselines. ``--lr-ablation`` adds a separate, labelled row that shows what the learning rate is worth: FedFew
+K = 3 at the reference μ = 0.01 with the baselines' lr grid (3 configurations); it is never used for the
+headline. K values larger than the number of sites are skipped. The partition is fixed (seed 0);
 the run seed (initialisation, data order) varies over ``--seeds``.
 
 Reported per method: mean over sites (± std over seeds), worst site, Jain's index (means over seeds),
@@ -88,6 +90,8 @@ PROX = (0.001, 0.01, 0.1, 1.0)
 DITTO = (0.01, 0.1, 0.5, 1.0)
 FT_EPOCHS = (1, 2, 5)
 KS = (1, 2, 3, 5)
+REFERENCE_MU = 0.01  # the reference code's default, used by the lr ablation
+LR_ABLATION = f"ablation: fedfew K=3, mu={REFERENCE_MU}, lr grid"
 
 # FLamby (du Terrail et al., NeurIPS 2022 Datasets & Benchmarks), Fed-Heart-Disease, mean accuracy over the 4 centres.
 FLAMBY_PUBLISHED = {
@@ -222,8 +226,13 @@ class Config:
     overrides: tuple[str, ...]
 
 
-def method_grid(dataset: Dataset, *, ks: Sequence[int], quick: bool) -> list[Config]:
-    """Every method's configurations (see the module docstring for the grids)."""
+def method_grid(dataset: Dataset, *, ks: Sequence[int], quick: bool, lr_ablation: bool = False) -> list[Config]:
+    """Every method's configurations (see the module docstring for the grids).
+
+    With ``lr_ablation``, one more row (:data:`LR_ABLATION`): FedFew K = 3 at the reference μ with
+    the baselines' learning-rate grid instead of the μ grid, to show how much of a gap to a
+    baseline is the learning rate. It never takes part in the headline.
+    """
     lr = dataset.config.training.lr
     m = len(dataset.sites)
     pick: Callable[[Sequence[Any]], Sequence[Any]] = (lambda g: (g[0], g[-1]) if len(g) > 1 else g) if quick else (lambda g: g)
@@ -250,6 +259,9 @@ def method_grid(dataset: Dataset, *, ks: Sequence[int], quick: bool) -> list[Con
         out.append(Config("ditto", f"lam={lam}", tuple(alg("ditto", lam=lam))))
     for e in pick(FT_EPOCHS):
         out.append(Config("fedavg_ft", f"finetune_epochs={e}", tuple(alg("fedavg_ft", finetune_epochs=e))))
+    if lr_ablation and 3 in ks:
+        for s in pick(LR_SCALES):
+            out.append(Config(LR_ABLATION, f"lr={lr * s:g}", (*alg("fedfew", k=3, mu=REFERENCE_MU), f"training.lr={lr * s}")))
     return out
 
 
@@ -378,7 +390,7 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
 
 def best_baseline(methods: dict[str, Any]) -> str:
     """The baseline with the highest test mean (a reader's 'best baseline', not a tuned choice)."""
-    return max((m for m in methods if not m.startswith("fedfew")), key=lambda m: methods[m]["mean"])
+    return max((m for m in methods if not m.startswith("fedfew") and m != LR_ABLATION), key=lambda m: methods[m]["mean"])
 
 
 def to_markdown(res: dict[str, Any]) -> str:
@@ -402,7 +414,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines += ["", "Published (FLamby, du Terrail et al. 2022, Table 3 — not measured here):", "",
                   "| strategy | mean accuracy (published) |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in res["published"].items()]
-    fedfew = [m for m in methods if m.startswith("fedfew")]
+    fedfew = [m for m in methods if m.startswith("fedfew K=")]
     if fedfew:
         settings = list(methods[fedfew[0]]["grid"])
         lines += ["", "FedFew grid (test mean / validation mean):", "", "| K | " + " | ".join(settings) + " |",
@@ -415,6 +427,12 @@ def to_markdown(res: dict[str, Any]) -> str:
         f = methods["fedfew K=3"]
         lines += ["", f"Headline: FedFew K=3 mean {f['mean']:.3f}, worst {f['worst']:.3f}; best baseline by test mean: {b} "
                   f"mean {methods[b]['mean']:.3f}, worst {methods[b]['worst']:.3f}."]
+    if LR_ABLATION in methods:
+        a = methods[LR_ABLATION]
+        lines += ["", f"Ablation (not part of the headline, which keeps FedFew at the data set's lr): FedFew K=3 at μ = "
+                  f"{REFERENCE_MU} with the baselines' lr grid selects {a['selected']}: mean {a['mean']:.3f} ± "
+                  f"{a['mean_std_over_seeds']:.3f}, worst {a['worst']:.3f} (grid: "
+                  + ", ".join(f"{k} {v['test_mean']:.3f} / {v['val_mean']:.3f}" for k, v in a["grid"].items()) + ", test / val)."]
     return "\n".join(lines) + "\n"
 
 
@@ -481,6 +499,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "bench-cache",
                         help="finished runs are kept here and reused (a stopped benchmark continues; never committed)")
     parser.add_argument("--no-cache", action="store_true", help="run everything again")
+    parser.add_argument("--lr-ablation", action="store_true",
+                        help="add FedFew K=3 at the reference mu with the baselines' lr grid (a labelled ablation row)")
     args = parser.parse_args(argv)
     if args.list:
         for name in DATASETS:
@@ -498,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rounds is not None:
         dataset.base_overrides.append(f"run.rounds={args.rounds}")
         dataset.config = dataset.with_overrides([])
-    grid = method_grid(dataset, ks=ks, quick=args.quick)
+    grid = method_grid(dataset, ks=ks, quick=args.quick, lr_ablation=args.lr_ablation)
     if args.methods:
         grid = [c for c in grid if any(c.method == m or c.method.startswith(m + " ") for m in args.methods)]
     print(f"{dataset.description}: {len(dataset.sites)} sites, {len(grid)} configurations x {len(seeds)} seeds", flush=True)

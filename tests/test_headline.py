@@ -1,0 +1,31 @@
+"""benchmarks/headline.py: the README's headline table from result files (a hand-made results folder)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(mean: float, worst: float, selected: str) -> dict:
+    return {"mean": mean, "mean_std_over_seeds": 0.01, "worst": worst, "selected": selected, "grid": {selected: {}, "other": {}}}
+
+
+def test_headline_compares_fedfew_k3_with_the_best_baseline_of_full_runs_only(tmp_path: Path) -> None:
+    full = {"description": "Data A", "metric": "accuracy", "seeds": [0, 1, 2],
+            "methods": {"fedfew K=3": _row(0.80, 0.70, "mu=0.01"), "fedfew K=1": _row(0.99, 0.99, "mu=1"),
+                        "fedavg": _row(0.85, 0.75, "lr=0.02"), "local": _row(0.60, 0.40, "lr=0.01"),
+                        "ablation: fedfew K=3, mu=0.01, lr grid": _row(0.95, 0.9, "lr=0.02")}}
+    (tmp_path / "quality_a.json").write_text(json.dumps(full))
+    partial = {**full, "description": "Data B", "methods": {"fedfew K=3": _row(0.9, 0.8, "mu=1"), "fedavg": _row(0.5, 0.4, "lr=1")}}
+    (tmp_path / "quality_b.json").write_text(json.dumps(partial))  # two methods: not a comparison, left out
+    (tmp_path / "quality_c_quick.json").write_text(json.dumps({**full, "description": "Data C"}))  # smoke run: left out
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "headline.py"), "--results", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| Data")]
+    # the best baseline is FedAvg (neither another FedFew K nor the ablation row), and FedFew does not win
+    assert rows == ["| Data A | accuracy | 0.800 ± 0.010 / 0.700 (mu=0.01) | fedavg: 0.850 ± 0.010 / 0.750 (lr=0.02) | no | 3 | 10 |"]
+    assert (tmp_path / "headline.md").read_text() == out

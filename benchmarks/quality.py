@@ -52,8 +52,9 @@ plus the full FedFew K × μ grid (test and validation). Output: ``benchmarks/re
 Run times, measured on 2 shared, heavily loaded CPU cores with ``--threads 1``: ``heart`` full (35
 configurations × 3 seeds × 30 rounds) 12 min; ``--quick`` runs take 2–10 min per data set (the
 ``wall_seconds`` of each ``*_quick.json``). A full run costs about (configurations × seeds × the
-``s/run`` of its rows), with s/run growing linearly in rounds: a few hours for each Br35H, segmentation
-and Fashion-MNIST federation on 2 cores; these full runs have not been made yet.
+``s/run`` of its rows), with s/run growing linearly in rounds. Measured full runs on the 2 cores:
+``br35h-4-*`` about 125 min, ``br35h-10-*`` about 100 min each (two side by side), ``segmentation``
+27 min; the Fashion-MNIST grids need days on 2 cores and have not been run in full.
 """
 
 from __future__ import annotations

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
-from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _best_baseline(methods: dict[str, Any]) -> str:
-    return max((m for m in methods if not m.startswith("fedfew") and not m.startswith("ablation")), key=lambda m: methods[m]["mean"])
+from quality import RESULTS, best_baseline  # noqa: E402  (the same choice as each data set's own summary)
 
 
 def quality_rows(results: Path) -> list[str]:
@@ -31,7 +29,7 @@ def quality_rows(results: Path) -> list[str]:
         methods = res["methods"]
         if "fedfew K=3" not in methods or len(methods) < 3:  # a partial run (a few methods) is not a comparison
             continue
-        f, b = methods["fedfew K=3"], _best_baseline(methods)
+        f, b = methods["fedfew K=3"], best_baseline(methods)
         base = methods[b]
         verdict = "yes" if f["mean"] >= base["mean"] else "no"
         configs = sum(len(m["grid"]) for m in methods.values())

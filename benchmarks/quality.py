@@ -389,6 +389,11 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
 # ------------------------------------------------------------------------------------------------ output
 
 
+def result_name(dataset: Dataset, quick: bool) -> str:
+    """``quality_<dataset>[_quick]``: the results' file stem and the run cache's folder (shared with sparse.py)."""
+    return f"quality_{dataset.name}{'_quick' if quick else ''}"
+
+
 def best_baseline(methods: dict[str, Any]) -> str:
     """The baseline with the highest test mean (a reader's 'best baseline', not a tuned choice)."""
     return max((m for m in methods if not m.startswith("fedfew") and m != LR_ABLATION), key=lambda m: methods[m]["mean"])
@@ -523,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.methods:
         grid = [c for c in grid if any(c.method == m or c.method.startswith(m + " ") for m in args.methods)]
     print(f"{dataset.description}: {len(dataset.sites)} sites, {len(grid)} configurations x {len(seeds)} seeds", flush=True)
-    cache = None if args.no_cache else args.cache_dir / f"quality_{dataset.name}{'_quick' if args.quick else ''}"
+    cache = None if args.no_cache else args.cache_dir / result_name(dataset, args.quick)
     methods = run_grid(dataset, grid, seeds, lambda s: print(s, flush=True), cache)
     res: dict[str, Any] = {
         "dataset": dataset.name,
@@ -543,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "cached_runs": sum(m["cached_runs"] for m in methods.values()),
         **dataset.meta,
     }
-    write_results(res, args.out / f"quality_{dataset.name}{'_quick' if args.quick else ''}", to_markdown, plot)
+    write_results(res, args.out / result_name(dataset, args.quick), to_markdown, plot)
 
 
 if __name__ == "__main__":

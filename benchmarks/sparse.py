@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import DATASETS, RESULTS, ROOT, Config, aggregate, machine, run_one, write_results  # noqa: E402
+from quality import DATASETS, RESULTS, ROOT, Config, aggregate, machine, result_name, run_one, write_results  # noqa: E402
 
 from fedfew_med.metrics import PRIMARY  # noqa: E402
 
@@ -118,7 +118,7 @@ def main() -> None:
         dataset.base_overrides.append(f"run.rounds={args.rounds}")
         dataset.config = dataset.with_overrides([])
     methods: dict[str, Any] = {}
-    cache = None if args.no_cache else args.cache_dir / f"quality_{dataset.name}{'_quick' if args.quick else ''}"
+    cache = None if args.no_cache else args.cache_dir / result_name(dataset, args.quick)
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in configs():
             runs = [run_one(dataset, cfg, seed, Path(tmp), cache) for seed in seeds]

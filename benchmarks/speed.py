@@ -196,13 +196,14 @@ def _scaling_child(num_sites: int, k: int) -> dict[str, Any]:
     server.finish(step)
     seconds = time.perf_counter() - t
     model_bytes = sum(t.numel() * t.element_size() for t in models[0].values())
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the whole process, at its peak (Linux: KiB)
     return {
         "sites": num_sites,
         "k": k,
         "round_s": seconds,
         # growth of the process's peak during the round: 0 when the round never exceeds the set-up's own peak
-        "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # the whole process, at its peak
+        "peak_rss_growth_mb": (peak_kb - rss_before) / 1024,
+        "peak_rss_mb": peak_kb / 1024,
         "model_kb": model_bytes / 1024,
         "replies_if_buffered_mb": num_sites * k * model_bytes / 2**20,
     }

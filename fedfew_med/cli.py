@@ -47,6 +47,8 @@ def format_table(result: SimulationResult) -> str:
     sm = s["summary"]
     lines.append(f"{s['algorithm']} (K={s['num_models']}), {s['rounds']} rounds: mean {metric} {sm['mean']:.3f}, "
                  f"worst site {sm['worst']:.3f}, Jain's index {sm['jain']:.3f}")
+    if "model_use" in s:
+        lines.append(f"models: {s['model_use']['note']}")
     if has_ft:
         ft = s["summary_finetuned"]
         lines.append(f"+{metric} after local fine-tuning: mean {ft['mean']:.3f}, worst {ft['worst']:.3f}, Jain {ft['jain']:.3f}")

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fedfew_med import checkpoint
+from fedfew_med.algorithms.base import Params
+from fedfew_med.algorithms.fedfew_collapse import COLLAPSE_SPREAD, collapse_note, model_spread
 from fedfew_med.config import FederationConfig
 from fedfew_med.metrics import PRIMARY, summarize
 
@@ -114,10 +116,13 @@ def summarize_run(
     sites: Mapping[str, Mapping[str, Any]],
     records: Sequence[Mapping[str, Any]],
     evaluation: Mapping[str, Mapping[str, Any]],
+    models: Sequence[Params] | None = None,
 ) -> dict[str, Any]:
     """The final summary: per-site deployed metrics, mean / worst / Jain, model use, traffic.
 
-    ``sites`` maps every site to ``{"n_train": int, "protocol": str | None}``.
+    ``sites`` maps every site to ``{"n_train": int, "protocol": str | None}``. With the final
+    server ``models`` (K ≥ 2), ``model_use`` says how many distinct models the sites deploy,
+    how far apart the K models are, how many were re-seeded, and whether they collapsed.
     """
     primary = PRIMARY[task]
     per_site = {s: e["metrics"][primary] for s, e in evaluation.items()}
@@ -148,6 +153,19 @@ def summarize_run(
         "failures": {str(r["round"]): r["failures"] for r in records if r["failures"]},
         "config_digest": config.digest(),
     }
+    if models is not None and num_models >= 2:
+        out["model_use"] = model_use(models, evaluation, records)
     if any("metrics_finetuned" in e for e in evaluation.values()):
         out["summary_finetuned"] = summarize({s: e["metrics_finetuned"][primary] for s, e in evaluation.items()})
     return out
+
+
+def model_use(models: Sequence[Params], evaluation: Mapping[str, Mapping[str, Any]],
+              records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Distinct deployed models, relative spread of the K models, re-seeds, and a one-line note."""
+    in_use = len({e["model"] for e in evaluation.values() if e.get("model") is not None})
+    spread = model_spread(models)
+    reseeded = sum(len(r.get("server", {}).get("reseeded", [])) for r in records)
+    note = collapse_note(in_use, len(models), spread) + (f"; {reseeded} re-seeded" if reseeded else "")
+    return {"in_use": in_use, "of": len(models), "spread": spread, "collapsed": spread < COLLAPSE_SPREAD,
+            "reseeded": reseeded, "note": note}

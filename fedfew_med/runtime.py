@@ -207,6 +207,7 @@ class ServerRuntime:
         """Complete the server step and keep the new models."""
         step = aggregation.result()
         self.models = step.models
+        self.algorithm.commit(step)
         return step
 
     def aggregate(self, info: RoundInfo, replies: Mapping[str, SiteReply]) -> ServerStep:

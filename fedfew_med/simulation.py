@@ -289,6 +289,7 @@ def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation
         sites={s: {"n_train": r.data.size("train"), "protocol": r.data.metadata.get("protocol")} for s, r in fed.sites.items()},
         records=records,
         evaluation=evaluation,
+        models=fed.models,
     )
 
 
@@ -366,6 +367,10 @@ def _run(
                 chain.verify_checkpoint(ckpt.round, ckpt.state.get("privacy"), where=f"{run_dir}: round {ckpt.round}")
         except LedgerStateError as exc:
             raise RunDirError(str(exc)) from None
+        try:  # e.g. FedFew's idle counts: a resumed run re-seeds in the same round as an uninterrupted one
+            fed.server.algorithm.load_server_state(ckpt.state.get("algorithm", {}))
+        except ValueError as exc:
+            raise RunDirError(f"{run_dir}: round {ckpt.round}: {exc}") from None
         start = ckpt.round + 1
         history = checkpoint.truncate_records(run_dir / "metrics.jsonl", ckpt.round)
         log.info("resuming %s after round %d", run_dir, ckpt.round)
@@ -428,7 +433,7 @@ def _run(
                 raise RunDirError(str(exc)) from None
         checkpoint.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint: a completed round always has its record
         site_states = {name: rt.state for name, rt in fed.sites.items()}
-        run_state: dict[str, Any] = {"config_digest": config.digest()}
+        run_state: dict[str, Any] = {"config_digest": config.digest(), "algorithm": fed.server.algorithm.server_state()}
         if fed.privacy or fed.server_dp is not None:
             run_state["privacy"] = fed.privacy_state()  # every site's ledger, with every checkpoint
         checkpoint.save(run_dir, r, server_models=fed.models, sites=site_states, state=run_state)

@@ -23,13 +23,13 @@ from fedfew_med.algorithms.base import (
 )
 from fedfew_med.algorithms.ditto import Ditto
 from fedfew_med.algorithms.fedavg import FedAvg, FedAvgFineTune, FedProx
-from fedfew_med.algorithms.fedfew import FedFew
+from fedfew_med.algorithms.fedfew import FedFew, FedFewFineTune
 from fedfew_med.algorithms.ifca import IFCA
 from fedfew_med.algorithms.local import Local
 from fedfew_med.config import ConfigError, build_dataclass
 
 REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedFew, FedAvg, FedProx, FedAvgFineTune, IFCA, Ditto, Local)
+    cls.name: cls for cls in (FedFew, FedFewFineTune, FedAvg, FedProx, FedAvgFineTune, IFCA, Ditto, Local)
 }
 
 
@@ -51,6 +51,7 @@ __all__ = [
     "FedAvg",
     "FedAvgFineTune",
     "FedFew",
+    "FedFewFineTune",
     "FedProx",
     "IFCA",
     "Local",

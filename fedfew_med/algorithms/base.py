@@ -175,6 +175,18 @@ class Algorithm(ABC):
     def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:
         """The model ``site`` uses (chosen on its own data; no training unless the method fine-tunes)."""
 
+    def commit(self, step: ServerStep) -> None:
+        """Called once with the step the server adopted (an :class:`Aggregation` may be probed without it)."""
+        return None  # stateless methods keep nothing
+
+    def server_state(self) -> dict[str, Any]:
+        """JSON-able server-side state kept across rounds (saved with every checkpoint); none by default."""
+        return {}
+
+    def load_server_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`server_state` returned (on resume)."""
+        return None  # stateless methods have nothing to restore
+
 
 def clone(params: Params) -> Params:
     """Deep copy (never hand out tensors another site or round will read)."""

@@ -162,6 +162,11 @@ def with_server_dp(algorithm: Algorithm, config: FederationConfig) -> Algorithm:
     options = server_privacy_options(config)
     if options is None:
         return algorithm
+    if getattr(algorithm, "reseeds", False):
+        raise ConfigError(
+            f"{config.source}: [algorithm.params].reseed_after must be 0 with [server_privacy] (a re-seeded model is one "
+            f"site's update, outside the clipped and noised step), got {algorithm.options.reseed_after}"  # type: ignore[attr-defined]
+        )
     return ServerDP(
         algorithm,
         clip=options.clip,

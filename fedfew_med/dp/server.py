@@ -104,6 +104,10 @@ class ServerDP(Algorithm):
             raise ValueError(f"clip must be > 0, got {clip}")
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+        if getattr(inner, "reseeds", False):  # a re-seeded model is one site's update: not linear, not clipped+noised
+            raise ValueError(
+                f"server DP cannot wrap {inner.name} with re-seeding: set [algorithm.params] reseed_after = 0"
+            )
         self.inner = inner
         self.clip = float(clip)
         self.noise_multiplier = float(noise_multiplier)
@@ -129,6 +133,15 @@ class ServerDP(Algorithm):
 
     def deploy(self, site: str, models: Sequence[Params], work: LocalWork) -> Deployment:
         return self.inner.deploy(site, models, work)
+
+    def commit(self, step: ServerStep) -> None:
+        self.inner.commit(step)
+
+    def server_state(self) -> dict[str, Any]:
+        return self.inner.server_state()
+
+    def load_server_state(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_server_state(state)
 
     # ------------------------------------------------------------ the DP aggregation
     def begin_aggregation(self, info: RoundInfo, models: list[Params]) -> Aggregation:

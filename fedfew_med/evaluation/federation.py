@@ -37,12 +37,16 @@ class ModelUse:
         round's record has no assignment for the site.
     num_models
         K of the run.
+    note
+        The run's one-line verdict on model use (``summary.json``'s ``model_use.note``: how many
+        of the K models the sites deploy, whether the K models collapsed into one, re-seeds).
     """
 
     rounds: np.ndarray
     sites: list[str]
     models: np.ndarray
     num_models: int
+    note: str = ""
 
     def switches(self) -> dict[str, int]:
         """How many times each site changed model between consecutive recorded rounds."""
@@ -52,7 +56,8 @@ class ModelUse:
         """Per site: the model deployed in the last recorded round and how often the site switched."""
         switches = self.switches()
         rows = [[s, _model_name(int(row[-1])) if row.size else "-", switches[s]] for s, row in zip(self.sites, self.models, strict=True)]
-        return Table(["site", "model in the last round", "switches"], rows, title="model use over the rounds")
+        title = "model use over the rounds" + (f": {self.note}" if self.note else "")
+        return Table(["site", "model in the last round", "switches"], rows, title=title)
 
 
 def _model_name(code: int) -> str:
@@ -68,7 +73,8 @@ def model_use(run: Run) -> ModelUse:
             if site in rec.get("assignments", {}):
                 k = rec["assignments"][site]
                 models[i, j] = OWN_MODEL if k is None else int(k)
-    return ModelUse(rounds, run.sites, models, run.num_models)
+    note = str(run.summary.get("model_use", {}).get("note", ""))
+    return ModelUse(rounds, run.sites, models, run.num_models, note)
 
 
 @dataclass(frozen=True)

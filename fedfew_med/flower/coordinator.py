@@ -278,6 +278,7 @@ class Coordinator:
             sites={s: {"n_train": c.num_train, "protocol": c.protocol} for s, c in self.roster.items()},
             records=history + records,
             evaluation=evaluation,
+            models=server.models,
         )
         summary["finished"] = completed >= cfg.run.rounds
         summary["run_key"] = self.run_key
@@ -510,6 +511,7 @@ class Coordinator:
             "sites": {s: c.to_json() for s, c in sorted(self.roster.items())},
             "last_accepted": dict(sorted(self.last_accepted.items())),
             "privacy": self.privacy.state_dict(self._server().algorithm),  # every DP ledger as last reported
+            "algorithm": self._server().algorithm.server_state(),  # e.g. FedFew's idle counts
         }
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
@@ -531,6 +533,10 @@ class Coordinator:
                                  where=f"{self.settings.run_dir}: round {ckpt.round}")
         except LedgerStateError as exc:
             raise rundir.RunDirError(str(exc)) from None
+        try:
+            self.server.algorithm.load_server_state(st.get("algorithm", {}))
+        except ValueError as exc:
+            raise rundir.RunDirError(f"{self.settings.run_dir}: round {ckpt.round}: {exc}") from None
 
 
 def describe_error(code: int, reason: str) -> str:

@@ -48,7 +48,7 @@ def site_round(lam: float = 0.5, mu: float = 0.1, **opts) -> tuple[SiteReply, Fa
     work = FakeWork(20, TRAIN3, EVAL3)
     info = RoundInfo(round=0, num_rounds=2, participants=("x", "y"), site_weight={"x": lam, "y": 1 - lam},
                      extras={"mu": mu})
-    return FedFew(FedFewOptions(k=3, **opts)).local_round("x", info, MODELS3, work), work
+    return FedFew(FedFewOptions(preset="reference", k=3, **opts)).local_round("x", info, MODELS3, work), work
 
 
 @pytest.mark.parametrize(("source", "losses", "evaluated"), [
@@ -98,7 +98,7 @@ def test_threshold_selection_agrees_with_server_w(site_weights: str) -> None:
     Sites a, b, c hold 10, 30, 60 records and all see received losses (1.0, 1.2); μ = 0.1, threshold 0.25.
     With λ = n/N site c (λ = 0.6) has w_c1 ≈ 0.23 and keeps model 0 only; with λ = 1/3 every w_i1 ≈ 0.34.
     """
-    algo = FedFew(FedFewOptions(k=2, sparse="threshold", sparse_threshold=0.25, loss_source="received",
+    algo = FedFew(FedFewOptions(preset="reference", k=2, sparse="threshold", sparse_threshold=0.25, loss_source="received",
                                 site_weights=site_weights))
     n = {"a": 10, "b": 30, "c": 60}
     info = RoundInfo(round=0, num_rounds=1, participants=tuple(n), site_weight={s: v / 100 for s, v in n.items()},
@@ -117,7 +117,7 @@ def test_threshold_selection_agrees_with_server_w(site_weights: str) -> None:
 def test_deploy_picks_argmin_on_selection_split(split: str, best: int, scores: tuple) -> None:
     work = FakeWork(20, TRAIN3, EVAL3)
     models = [MODELS3[k] for k in range(3)]
-    dep = FedFew(FedFewOptions(k=3, selection_split=split)).deploy("x", models, work)
+    dep = FedFew(FedFewOptions(preset="reference", k=3, selection_split=split)).deploy("x", models, work)
     assert dep.model_index == best and dep.slot == f"server/{best}" and dep.scores == pytest.approx(scores)
     assert dep.params is models[best] and work.trained == []
     assert work.evaluated == [(f"server/{k}", split) for k in range(3)]
@@ -134,14 +134,14 @@ def make_init(calls: list):
 @pytest.mark.parametrize("k", [1, 3])
 def test_init_identical_and_independent(k: int) -> None:
     calls: list[int] = []
-    same = FedFew(FedFewOptions(k=k, init="identical")).init_models(make_init(calls))
+    same = FedFew(FedFewOptions(preset="reference", k=k, init="identical")).init_models(make_init(calls))
     assert calls == [0] and len(same) == k
     for m in same:
         torch.testing.assert_close(m, same[0], rtol=0, atol=0)
     same[0]["w"].add_(1.0)  # copies, not shared tensors
     assert k == 1 or not torch.equal(same[0]["w"], same[-1]["w"])
     calls.clear()
-    indep = FedFew(FedFewOptions(k=k, init="independent")).init_models(make_init(calls))
+    indep = FedFew(FedFewOptions(preset="reference", k=k, init="independent")).init_models(make_init(calls))
     assert calls == list(range(k))
     for i, m in enumerate(indep):
         torch.testing.assert_close(m, make_init([])(i), rtol=0, atol=0)
@@ -149,9 +149,9 @@ def test_init_identical_and_independent(k: int) -> None:
 
 @pytest.mark.parametrize("scale", [0.01, 0.05])
 def test_init_perturbed_small_and_deterministic(scale: float) -> None:
-    first = FedFew(FedFewOptions(k=3, init="perturbed", perturb_scale=scale), seed=4).init_models(make_init([]))
-    again = FedFew(FedFewOptions(k=3, init="perturbed", perturb_scale=scale), seed=4).init_models(make_init([]))
-    other = FedFew(FedFewOptions(k=3, init="perturbed", perturb_scale=scale), seed=5).init_models(make_init([]))
+    first = FedFew(FedFewOptions(preset="reference", k=3, init="perturbed", perturb_scale=scale), seed=4).init_models(make_init([]))
+    again = FedFew(FedFewOptions(preset="reference", k=3, init="perturbed", perturb_scale=scale), seed=4).init_models(make_init([]))
+    other = FedFew(FedFewOptions(preset="reference", k=3, init="perturbed", perturb_scale=scale), seed=5).init_models(make_init([]))
     base = make_init([])(0)
     torch.testing.assert_close(first[0], base, rtol=0, atol=0)
     for k in (1, 2):
@@ -164,6 +164,6 @@ def test_init_perturbed_small_and_deterministic(scale: float) -> None:
 
 
 def test_round_extras_anneal_mu() -> None:
-    algo = FedFew(FedFewOptions(mu=0.1, mu_end=0.001))
+    algo = FedFew(FedFewOptions(preset="reference", mu=0.1, mu_end=0.001))
     assert [algo.round_extras(r, 3)["mu"] for r in range(3)] == pytest.approx([0.1, 0.01, 0.001])
-    assert FedFew(FedFewOptions(mu=0.1)).round_extras(5, 10) == {"mu": 0.1}
+    assert FedFew(FedFewOptions(preset="reference", mu=0.1)).round_extras(5, 10) == {"mu": 0.1}

@@ -84,7 +84,7 @@ SPARSE = {"a": (1,), "b": (0, 1), "c": (0,)}
 @pytest.mark.parametrize("lr", [1.0, 0.5, 2.0])
 def test_server_step_matches_hand_computation(mu: float, site_weights: str, lam: np.ndarray, keep: dict,
                                               lr: float) -> None:
-    algo = FedFew(FedFewOptions(k=2, mu=0.5, site_weights=site_weights, server_lr=lr))  # μ comes from extras
+    algo = FedFew(FedFewOptions(preset="reference", k=2, mu=0.5, site_weights=site_weights, server_lr=lr))  # μ comes from extras
     models = [to_torch(m) for m in BASE]
     step = algo.aggregate(info_for(mu), models, replies_for(keep))
     assert_models(step.models, expected_models(lam, mu, keep, lr))
@@ -106,7 +106,7 @@ def test_server_step_matches_hand_computation(mu: float, site_weights: str, lam:
 def test_equal_losses_uniform_weights_by_hand() -> None:
     """All L equal, λ = 1/3: α_i = 1/3, w_ik = 1/2, so θ_k ← θ_k + (1/6) Σ_i Δ_ik."""
     same = {s: (0.5, 0.5) for s in SITES}
-    step = FedFew(FedFewOptions(k=2, site_weights="uniform")).aggregate(
+    step = FedFew(FedFewOptions(preset="reference", k=2, site_weights="uniform")).aggregate(
         info_for(0.01), [to_torch(m) for m in BASE], replies_for(losses=same))
     w0 = np.array([1.0, -1.0]) + (np.array([0.5, 0.0]) + np.array([-1.0, 1.0]) + np.array([1.0, -2.0])) / 6
     b1 = -1.0 + (-1.0 + 1.0 + 0.5) / 6
@@ -119,7 +119,7 @@ def test_equal_losses_uniform_weights_by_hand() -> None:
 def test_site_returning_nothing_for_a_model_leaves_its_delta_zero() -> None:
     """Only site a returns model 0: θ_0 moves by α_a w_a0 Δ_a0 alone, even though c_0 counts all sites."""
     keep = {"a": (0, 1), "b": (1,), "c": (1,)}
-    step = FedFew(FedFewOptions(k=2)).aggregate(info_for(0.1), [to_torch(m) for m in BASE], replies_for(keep))
+    step = FedFew(FedFewOptions(preset="reference", k=2)).aggregate(info_for(0.1), [to_torch(m) for m in BASE], replies_for(keep))
     alpha, w = ref_weights(np.array([LOSSES[s] for s in SITES]), np.array([0.1, 0.3, 0.6]), 0.1)
     np.testing.assert_allclose(step.models[0]["w"].numpy(), [1.0 + alpha[0] * w[0, 0] * 0.5, -1.0], rtol=1e-6)
     assert step.log["c"][0] > alpha[0] * w[0, 0] + 1e-3
@@ -129,11 +129,11 @@ def test_a_missing_reply_does_not_renormalise_lambda() -> None:
     """λ is fixed by the broadcast (n_i / N over the participants a, b, c); a site that fails keeps
     its share, so the others' λ stay 0.3 and 0.6 (the temperature they trained under)."""
     keep = {"b": (0, 1), "c": (0, 1)}
-    step = FedFew(FedFewOptions(k=2)).aggregate(info_for(0.1), [to_torch(m) for m in BASE], replies_for(keep))
+    step = FedFew(FedFewOptions(preset="reference", k=2)).aggregate(info_for(0.1), [to_torch(m) for m in BASE], replies_for(keep))
     assert_models(step.models, expected_models(np.array([0.3, 0.6]), 0.1, keep))
 
 
 def test_no_replies_keeps_models() -> None:
     models = [to_torch(m) for m in BASE]
-    step = FedFew(FedFewOptions(k=2)).aggregate(info_for(0.1), models, {})
+    step = FedFew(FedFewOptions(preset="reference", k=2)).aggregate(info_for(0.1), models, {})
     assert_models(step.models, BASE)

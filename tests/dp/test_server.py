@@ -75,8 +75,10 @@ def test_noise_std_is_sigma_times_clip_times_the_largest_weight():
     assert torch.equal(again.models[0]["w"], step.models[0]["w"])  # the same seed and round: bit-exact (resume)
 
 
-def test_step_weights_are_read_off_fedfew_without_touching_it():
-    inner = build_algorithm("fedfew", {"k": 2, "mu": 0.5}, seed=0)
+@pytest.mark.parametrize("params", [{"preset": "reference"}, {"preset": "default", "reseed_after": 0}])
+def test_step_weights_are_read_off_fedfew_without_touching_it(params):
+    """Reference step: site i's weight in model k is α_i w_ik; normalised step: α_i w_ik / c_k."""
+    inner = build_algorithm("fedfew", {"k": 2, "mu": 0.5, **params}, seed=0)
     dp = ServerDP(inner, clip=10.0, noise_multiplier=1.0, seed=0)
     base = [_model(), _model()]
     losses = {"a": (0.2, 0.9), "b": (0.8, 0.3), "c": (0.5, 0.5)}
@@ -85,10 +87,16 @@ def test_step_weights_are_read_off_fedfew_without_touching_it():
                for i, s in enumerate(sites)}
     weights = dp.step_weights(_info(sites, mu=0.5), base, list(replies.items()))
     step = inner.aggregate(_info(sites, mu=0.5), base, replies)
-    alpha, w = np.array(step.log["alpha"]), np.array(step.log["w"])  # (M,), (M, K)
+    alpha, w, c = np.array(step.log["alpha"]), np.array(step.log["w"]), np.array(step.log["c"])  # (M,), (M, K), (K,)
+    normalised = inner.options.step == "normalized"
     for k in range(2):
         for i, s in enumerate(sites):
-            assert weights[k][s] == pytest.approx(alpha[i] * w[i, k], rel=1e-6)
+            assert weights[k][s] == pytest.approx(alpha[i] * w[i, k] / (c[k] if normalised else 1.0), rel=1e-6)
+
+
+def test_server_dp_refuses_a_fedfew_that_re_seeds():
+    with pytest.raises(ValueError, match="reseed_after = 0"):
+        ServerDP(build_algorithm("fedfew", {"k": 2}, seed=0), clip=1.0, noise_multiplier=1.0, seed=0)
 
 
 def test_probes_work_with_fewer_coordinates_than_sites():
@@ -135,7 +143,7 @@ def test_server_stops_updating_when_its_budget_is_spent():
 
 
 def test_delegation_of_the_policy_hooks():
-    inner = build_algorithm("fedfew", {"k": 3}, seed=0)
+    inner = build_algorithm("fedfew", {"k": 3, "reseed_after": 0}, seed=0)
     dp = ServerDP(inner, clip=1.0, noise_multiplier=1.0, seed=0)
     assert dp.num_models == 3 and list(dp.models_to_send("a", _info(["a"]))) == [0, 1, 2]
     assert dp.round_extras(0, 10) == inner.round_extras(0, 10)

@@ -23,7 +23,7 @@ REQUIRED = {"epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rat
 
 
 def _config(rounds=2, k=2, privacy=None, server_privacy=None, **sections):
-    d = tiny_dict(run={"name": "dp", "seed": 3, "rounds": rounds}, algorithm={"name": "fedfew", "params": {"k": k, "mu": 0.5}},
+    d = tiny_dict(run={"name": "dp", "seed": 3, "rounds": rounds}, algorithm={"name": "fedfew", "params": {"k": k, "mu": 0.5, "reseed_after": 0}},
                   data={"name": "synthetic", "params": DATA}, **sections)
     if privacy is not None:
         d["privacy"] = privacy
@@ -151,6 +151,14 @@ def test_resuming_with_a_changed_site_budget_is_refused(tmp_path):
 def test_privacy_config_errors_name_file_key_and_value(tmp_path, privacy, server_privacy, message):
     with pytest.raises(ConfigError, match=message):
         run(_config(privacy=privacy, server_privacy=server_privacy), run_dir=tmp_path / "r")
+
+
+def test_server_dp_refuses_fedfew_re_seeding(tmp_path):
+    config = _config(server_privacy={"clip": 1.0, "noise_multiplier": 1.0})
+    d = config.to_dict()
+    d["algorithm"]["params"]["reseed_after"] = 3
+    with pytest.raises(ConfigError, match=r"dp.toml: \[algorithm.params\].reseed_after must be 0 with \[server_privacy\].*got 3"):
+        run(federation_from_dict(d, source="dp.toml"), run_dir=tmp_path / "r")
 
 
 def test_a_config_without_privacy_keeps_its_digest():

@@ -25,7 +25,7 @@ from tests.flower.test_coordinator import NAMES, _grid, _records, _same_models, 
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
-FEDFEW = {"name": "fedfew", "params": {"k": 2, "mu": 0.5}}
+FEDFEW = {"name": "fedfew", "params": {"k": 2, "mu": 0.5, "reseed_after": 0}}  # server DP: no re-seeding
 CLIENT = {"privacy": {"epsilon": 8.0}}
 SERVER = {"server_privacy": {"clip": 1.0, "noise_multiplier": 0.8}}
 # one site with a fixed small σ runs out of budget after its first round; the others are calibrated for all rounds

@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "site_configs" / "br35h_federation.toml"
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS: dict[str, list[str]] = {
-    "fedfew": [],
-    "fedfew-slrK": ["algorithm.params.server_lr=3.0"],
+    "fedfew": ["algorithm.params.preset='reference'"],  # the demo config's FedFew when this file was measured
+    "fedfew-slrK": ["algorithm.params.preset='reference'", "algorithm.params.server_lr=3.0"],
     "fedavg": ["algorithm.name='fedavg'", "algorithm.params={}"],
     "local": ["algorithm.name='local'", "algorithm.params={}"],
 }

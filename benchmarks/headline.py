@@ -1,5 +1,10 @@
 """The headline table: FedFew K = 3 against the best baseline on every data set benchmarked in full.
 
+Results of the current protocol (``"protocol": 2`` in the file: every method the same configuration
+budget, FedFew's default preset, ``fedfew_ft`` and the reference preset as rows, paired bootstrap
+intervals) form the first table; files from the earlier protocol (FedFew = the reference preset tuned on μ
+only) are listed apart, labelled as such, until they are regenerated.
+
 Reads ``benchmarks/results/quality_<dataset>.json`` (full runs only; ``*_quick`` are smoke runs),
 ``speed.json`` and ``sparse_<dataset>.json`` and prints a Markdown summary (also written to
 ``benchmarks/results/headline.md``), so the README's table is generated, never typed::
@@ -16,18 +21,51 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import RESULTS, best_baseline  # noqa: E402  (the same choice as each data set's own summary)
+from quality import FEDFEW_ROWS, RESULTS, best_baseline  # noqa: E402  (the same choice as each data set's own summary)
 
 
-def quality_rows(results: Path) -> list[str]:
-    rows = ["| data set | metric | FedFew K=3 (selected) mean ± std / worst | best baseline (selected) mean ± std / worst | "
-            "FedFew wins? | seeds | configurations |", "|---|---|---|---|---|---|---|"]
+def _full_runs(results: Path) -> list[dict]:
+    out = []
     for path in sorted(results.glob("quality_*.json")):
         if path.stem.endswith("_quick"):
             continue
         res = json.loads(path.read_text())
+        if len(res["methods"]) >= 3:  # a partial run (a few methods) is not a comparison
+            out.append(res)
+    return out
+
+
+def _cell(row: dict) -> str:
+    return f"{row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} / {row['worst']:.3f}"
+
+
+def protocol2_rows(results: Path) -> list[str]:
+    rows = ["| data set | metric | FedFew (default) mean ± std / worst | fedfew_ft | reference preset | best baseline | "
+            "best FedFew row − best baseline: mean [95 % CI] / worst [95 % CI] | matches? | ≥ FedAvg − 1 pt? | seeds |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in _full_runs(results):
+        methods, comp = res["methods"], res.get("comparison", {})
+        if res.get("protocol") != 2 or not comp:
+            continue
+        present = [r for r in FEDFEW_ROWS if r in comp]
+        best_row = max(present, key=lambda r: methods[r]["mean"])
+        c = comp[best_row]
+        v = c["vs_best"]
+        b = comp["best_baseline"]
+        cells = [_cell(methods[r]) if r in methods else "-" for r in (*FEDFEW_ROWS, "fedfew reference K=3")]
+        rows.append(f"| {res['description']} | {res['metric']} | {' | '.join(cells)} | {b}: {_cell(methods[b])} | "
+                    f"{best_row.split(' ')[0]}: {v['mean']:+.3f} [{v['mean_ci'][0]:+.3f}, {v['mean_ci'][1]:+.3f}] / "
+                    f"{v['worst']:+.3f} [{v['worst_ci'][0]:+.3f}, {v['worst_ci'][1]:+.3f}] | {'yes' if c['matches'] else 'no'} | "
+                    f"{'yes' if c.get('within_1pt_of_fedavg') else 'no'} | {len(res['seeds'])} |")
+    return rows
+
+
+def quality_rows(results: Path) -> list[str]:
+    rows = ["", "Earlier protocol (FedFew = the reference preset tuned on μ only; not yet regenerated):", "", "| data set | metric | FedFew K=3 (selected) mean ± std / worst | best baseline (selected) mean ± std / worst | "
+            "FedFew wins? | seeds | configurations |", "|---|---|---|---|---|---|---|"]
+    for res in _full_runs(results):
         methods = res["methods"]
-        if "fedfew K=3" not in methods or len(methods) < 3:  # a partial run (a few methods) is not a comparison
+        if res.get("protocol") == 2 or "fedfew K=3" not in methods:
             continue
         f, b = methods["fedfew K=3"], best_baseline(methods)
         base = methods[b]
@@ -37,6 +75,26 @@ def quality_rows(results: Path) -> list[str]:
                     f"({f['selected']}) | {b}: {base['mean']:.3f} ± {base['mean_std_over_seeds']:.3f} / {base['worst']:.3f} "
                     f"({base['selected']}) | {verdict} | {len(res['seeds'])} | {configs} |")
     return rows
+
+
+def ablation_rows(results: Path) -> list[str]:
+    """One table: every ablation row (benchmarks/ablation.py) × data set, test mean / worst site (3 seeds)."""
+    files = [json.loads(p.read_text()) for p in sorted(results.glob("ablation_*.json")) if not p.stem.endswith("_quick")]
+    if not files:
+        return []
+    names = list(dict.fromkeys(name for f in files for name in f["rows"]))
+    out = ["", "FedFew ablation (K = 3, the data set's lr, nothing tuned; test mean / worst site / validation mean, means over seeds; "
+           "α max = mean of each round's largest α; `benchmarks/ablation.py`):", "",
+           "| row | " + " | ".join(f"{f['dataset']} ({len(f['seeds'])} seeds)" for f in files) + " |",
+           "|---|" + "---|" * len(files)]
+    for name in names:
+        cells = []
+        for f in files:
+            r = f["rows"].get(name)
+            cells.append("-" if r is None else f"{r['mean']:.3f} / {r['worst']:.3f} / {r['val_mean']:.3f} "
+                         f"(α max {r['alpha_max']:.2f}, {r['in_use']:.1f} in use)")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def speed_rows(results: Path) -> list[str]:
@@ -60,7 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    text = "\n".join(quality_rows(args.results) + speed_rows(args.results)) + "\n"
+    text = "\n".join(protocol2_rows(args.results) + ablation_rows(args.results) + quality_rows(args.results)
+                     + speed_rows(args.results)) + "\n"
     (args.results / "headline.md").write_text(text)
     print(text, end="")
 

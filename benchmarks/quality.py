@@ -1,9 +1,9 @@
-"""Personalization quality: FedFew (K × μ grid) against every baseline, tuned on validation, several seeds.
+"""Personalization quality: FedFew against every baseline, each tuned on validation with the same budget, 3 seeds.
 
 Run one data set per call (``--list`` shows them)::
 
     .venv/bin/python benchmarks/quality.py --dataset heart            # full: 3 seeds, every grid
-    .venv/bin/python benchmarks/quality.py --dataset heart --quick    # smoke run: 1 seed, 2 rounds, 2-point grids
+    .venv/bin/python benchmarks/quality.py --dataset heart --quick    # smoke run: 1 seed, 2 rounds, 1 configuration per method
 
 Data sets (``--dataset``), all prepared on first use under ``--data-dir`` (default ``data/``):
 
@@ -17,40 +17,47 @@ Data sets (``--dataset``), all prepared on first use under ``--data-dir`` (defau
 * ``demo``: the synthetic classification demo (``site_configs/demo_federation.toml``, 6 sites, 15 rounds).
 * ``fmnist-dir0.1``, ``fmnist-path2``: Fashion-MNIST (Debian package ``dataset-fashion-mnist``) merged and
   split over 20 sites, Dirichlet α = 0.1 or 2 classes per site, 75/25 per site, the two-convolution CNN of
-  the pFL literature (``smallcnn``), 20 rounds, 1 local epoch, lr 0.01, batch 32.
+  the pFL literature (``smallcnn``), 20 rounds, 1 local epoch, Protocol 2 (one for every method; ``"protocol": 2`` in the results): the data, network, optimiser,
+rounds, local epochs and run seeds are the same; only ``[algorithm]`` and the client learning rate change.
+Each site is scored with the model it would deploy (FedFew / IFCA: lowest training loss of the K models;
+``fedfew_ft`` and FedAvg + FT: that model after local fine-tuning; Ditto / Local: the personal model), on
+its held-out **test** split for the table and on its **validation** slice (carved from its training split,
+never trained on) for tuning. **Every method gets the same budget of 4 configurations**, chosen on the
+mean validation metric over sites averaged over seeds:
 
-Protocol (one for every method): the data, network, optimiser, rounds, local epochs and run seeds are
-the same; only ``[algorithm]`` (and, for methods without a hyperparameter of their own, the client
-learning rate) changes. Each site is scored with the model it would deploy (FedFew: lowest training
-loss of the K models; IFCA: the same rule; Ditto / Local: the personal model; FedAvg + FT: the global
-model after fine-tuning), on its held-out **test** split for the table and on its **validation** slice
-(carved from its training split, never trained on) for tuning. Every method gets at most 4
-configurations, chosen on the mean validation metric over sites averaged over seeds:
+======================  ============================================  ==================================
+method                  grid (lr = the data set's client lr)           knob
+======================  ============================================  ==================================
+FedFew K=3 (default)    μ ∈ {0.1, 0.3} × lr × {1, 2}                  temperature over models (log loss)
+fedfew_ft K=3           fine-tune epochs ∈ {1, 5} × lr × {1, 2}        default preset, μ = 0.1
+FedFew reference K=3    μ ∈ {0.01, 0.1} × lr × {1, 2}                 the authors' preset
+Local, FedAvg, IFCA K=3 lr × {0.5, 1, 1.5, 2}                         no knob of their own
+FedProx                 μ_prox ∈ {0.01, 0.1} × lr × {1, 2}
+Ditto                   λ ∈ {0.1, 1} × lr × {1, 2}
+FedAvg + FT             fine-tune epochs ∈ {1, 5} × lr × {1, 2}
+======================  ============================================  ==================================
 
-=============  ===========================================  ==========================
-method         grid                                         why
-=============  ===========================================  ==========================
-FedFew K=k     μ ∈ {0.001, 0.01, 0.1, 1}                    the reference ablation grid
-IFCA K=k       lr × {0.5, 1, 2}                             no own hyperparameter
-Local, FedAvg  lr × {0.5, 1, 2}                             no own hyperparameter
-FedProx        μ_prox ∈ {0.001, 0.01, 0.1, 1}
-Ditto          λ ∈ {0.01, 0.1, 0.5, 1}
-FedAvg + FT    fine-tune epochs ∈ {1, 2, 5}
-=============  ===========================================  ==========================
+Rounds rule (full runs): FedAvg at the data set's rounds R and at 2R (same seeds, validation only); R
+is enough when 2R gains less than 1 point of validation mean. The result is written as
+``rounds_check`` and stated in the Markdown; a data set that fails it needs more rounds (``--rounds``).
 
-FedFew's client learning rate is never tuned (it keeps the data set's), so FedFew is tuned no more than
-the baselines. ``--lr-ablation`` adds a separate, labelled row that shows what the learning rate is worth: FedFew
-K = 3 at the reference μ = 0.01 with the baselines' lr grid (3 configurations); it is never used for the
-headline. K values larger than the number of sites are skipped. The partition is fixed (seed 0);
-the run seed (initialisation, data order) varies over ``--seeds``.
+Comparison: for ``fedfew K=3`` and ``fedfew_ft K=3`` against the best baseline (by test mean) and
+against FedAvg, the difference as a **paired bootstrap interval** over seeds and sites (mean) and over
+seeds (worst site), 95 %, 10,000 draws (:func:`paired_bootstrap`); ``matches`` = the interval reaches 0
+or above on both. ``--ks`` adds FedFew and IFCA rows for other K; ``--lr-ablation`` adds the earlier
+protocol's labelled row (reference preset at μ = 0.01 over lr × {0.5, 1, 2}); neither is in the headline.
+The partition is fixed (seed 0); the run seed (initialisation, data order) varies over ``--seeds``.
 
 Reported per method: mean over sites (± std over seeds), worst site, Jain's index (means over seeds),
-bytes moved per round (both directions, all sites), wall time per run, and the selected configuration;
-plus the full FedFew K × μ grid (test and validation). Output: ``benchmarks/results/quality_<dataset>
+bytes moved per round (both directions, all sites), wall time per run, the selected configuration and
+every configuration's test / validation / worst; per run, collapse diagnostics (largest α per round,
+models in use, spread of the K models, re-seeds). Output: ``benchmarks/results/quality_<dataset>
 [_quick].json``, ``.md`` and ``.png``.
 
-Run times, measured on 2 shared, heavily loaded CPU cores with ``--threads 1``: ``heart`` full (35
-configurations × 3 seeds × 30 rounds) 12 min; ``--quick`` runs take 2–10 min per data set (the
+md`` and ``.png``.
+
+Run times (protocol 1, 35–45 configurations; protocol 2 has 36 plus the rounds check), measured on 2
+shared, heavily loaded CPU cores with ``--threads 1``: ``heart`` full (35 configurations × 3 seeds × 30 rounds) 12 min; ``--quick`` runs take 2–10 min per data set (the
 ``wall_seconds`` of each ``*_quick.json``). A full run costs about (configurations × seeds × the
 ``s/run`` of its rows), with s/run growing linearly in rounds. Measured full runs on the 2 cores:
 ``br35h-4-*`` about 125 min, ``br35h-10-*`` about 100 min each (two side by side), ``segmentation``
@@ -85,12 +92,18 @@ from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_met
 from fedfew_med.simulation import Federation, run  # noqa: E402
 from fedfew_med.training import SiteState  # noqa: E402
 
-MUS = (0.001, 0.01, 0.1, 1.0)
-LR_SCALES = (0.5, 1.0, 2.0)
-PROX = (0.001, 0.01, 0.1, 1.0)
-DITTO = (0.01, 0.1, 0.5, 1.0)
-FT_EPOCHS = (1, 2, 5)
-KS = (1, 2, 3, 5)
+PROTOCOL = 2  # 1: FedFew (reference) tuned on μ only, baselines on a knob or lr; 2: every method, the same budget
+BUDGET = 4  # configurations per method
+KNOB_LR_SCALES = (1.0, 2.0)  # client lr × these, for a method with a knob of its own (2 knob values)
+LR_SCALES = (0.5, 1.0, 1.5, 2.0)  # client lr × these, for a method without one
+OLD_LR_SCALES = (0.5, 1.0, 2.0)
+FEDFEW_MUS = (0.1, 0.3)  # default preset: temperature over models, on the log loss (a relative gap)
+REFERENCE_MUS = (0.01, 0.1)  # reference preset: 0.01 is the authors' default
+PROX = (0.01, 0.1)
+DITTO = (0.1, 1.0)
+FT_EPOCHS = (1, 5)
+KS = (3,)
+CACHE_VERSION = 2  # 2: FedFew's defaults became preset "default" (a config's meaning changed; older runs are not reused)
 REFERENCE_MU = 0.01  # the reference code's default, used by the lr ablation
 LR_ABLATION = f"ablation: fedfew K=3, mu={REFERENCE_MU}, lr grid"
 
@@ -227,42 +240,45 @@ class Config:
     overrides: tuple[str, ...]
 
 
-def method_grid(dataset: Dataset, *, ks: Sequence[int], quick: bool, lr_ablation: bool = False) -> list[Config]:
-    """Every method's configurations (see the module docstring for the grids).
+def method_grid(dataset: Dataset, *, ks: Sequence[int] = (3,), quick: bool, lr_ablation: bool = False) -> list[Config]:
+    """Every method's configurations under protocol 2 (see the module docstring).
 
-    With ``lr_ablation``, one more row (:data:`LR_ABLATION`): FedFew K = 3 at the reference μ with
-    the baselines' learning-rate grid instead of the μ grid, to show how much of a gap to a
-    baseline is the learning rate. It never takes part in the headline.
+    Each method gets :data:`BUDGET` configurations: its own knob (two values) × the client lr (× 1, × 2),
+    or, for a method without a knob of its own, four learning rates. ``ks`` adds FedFew (default preset)
+    and IFCA rows for other K (same budget each). With ``lr_ablation``, the earlier protocol's labelled row
+    (:data:`LR_ABLATION`) is added too; it never takes part in the headline.
     """
     lr = dataset.config.training.lr
     m = len(dataset.sites)
-    pick: Callable[[Sequence[Any]], Sequence[Any]] = (lambda g: (g[0], g[-1]) if len(g) > 1 else g) if quick else (lambda g: g)
-    ks = [k for k in ks if k <= m]
+    pick: Callable[[Sequence[Any]], Sequence[Any]] = (lambda g: g[:1]) if quick else (lambda g: g)
 
-    def alg(name: str, **params: Any) -> list[str]:
+    def alg(name: str, **params: Any) -> tuple[str, ...]:
         body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
-        return [f"algorithm.name='{name}'", f"algorithm.params={{{body}}}"]
+        return (f"algorithm.name='{name}'", f"algorithm.params={{{body}}}")
+
+    def knob(method: str, name: str, key: str, values: Sequence[Any], **params: Any) -> list[Config]:
+        return [Config(method, f"{key}={v}, lr={lr * s:g}", (*alg(name, **params, **{key: v}), f"training.lr={lr * s}"))
+                for v in pick(values) for s in pick(KNOB_LR_SCALES)]
+
+    def lr_only(method: str, name: str, **params: Any) -> list[Config]:
+        return [Config(method, f"lr={lr * s:g}", (*alg(name, **params), f"training.lr={lr * s}")) for s in pick(LR_SCALES)]
 
     out: list[Config] = []
-    for k in ks:
-        for mu in pick(MUS):
-            out.append(Config(f"fedfew K={k}", f"mu={mu}", tuple(alg("fedfew", k=k, mu=mu))))
-    for name in ("local", "fedavg"):
-        for s in pick(LR_SCALES):
-            out.append(Config(name, f"lr={lr * s:g}", (*alg(name), f"training.lr={lr * s}")))
-    for mu in pick(PROX):
-        out.append(Config("fedprox", f"mu_prox={mu}", tuple(alg("fedprox", mu_prox=mu))))
-    for k in ks:
-        if k >= 2:
-            for s in pick(LR_SCALES):
-                out.append(Config(f"ifca K={k}", f"lr={lr * s:g}", (*alg("ifca", k=k), f"training.lr={lr * s}")))
-    for lam in pick(DITTO):
-        out.append(Config("ditto", f"lam={lam}", tuple(alg("ditto", lam=lam))))
-    for e in pick(FT_EPOCHS):
-        out.append(Config("fedavg_ft", f"finetune_epochs={e}", tuple(alg("fedavg_ft", finetune_epochs=e))))
-    if lr_ablation and 3 in ks:
-        for s in pick(LR_SCALES):
-            out.append(Config(LR_ABLATION, f"lr={lr * s:g}", (*alg("fedfew", k=3, mu=REFERENCE_MU), f"training.lr={lr * s}")))
+    for k in [k for k in ks if k <= m]:
+        out += knob(f"fedfew K={k}", "fedfew", "mu", FEDFEW_MUS, k=k)
+    if 3 <= m:
+        out += knob("fedfew_ft K=3", "fedfew_ft", "finetune_epochs", FT_EPOCHS, k=3)
+        out += knob("fedfew reference K=3", "fedfew", "mu", REFERENCE_MUS, preset="reference", k=3)
+    out += lr_only("local", "local")
+    out += lr_only("fedavg", "fedavg")
+    out += knob("fedprox", "fedprox", "mu_prox", PROX)
+    for k in [k for k in ks if 2 <= k <= m]:
+        out += lr_only(f"ifca K={k}", "ifca", k=k)
+    out += knob("ditto", "ditto", "lam", DITTO)
+    out += knob("fedavg_ft", "fedavg_ft", "finetune_epochs", FT_EPOCHS)
+    if lr_ablation and 3 <= m:
+        out += [Config(LR_ABLATION, f"lr={lr * s:g}", (*alg("fedfew", preset="reference", k=3, mu=REFERENCE_MU), f"training.lr={lr * s}"))
+                for s in pick(OLD_LR_SCALES)]
     return out
 
 
@@ -304,7 +320,7 @@ def cache_key(dataset: Dataset, config: FederationConfig) -> str:
     if resolved["run"]["eval_every"] >= resolved["run"]["rounds"]:
         resolved["run"]["eval_every"] = 10**6
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    blob = json.dumps({"dataset": dataset.name, "sites": [(s.name, s.size("train"), s.size("val"), s.size("test")) for s in dataset.sites],
+    blob = json.dumps({"version": CACHE_VERSION, "dataset": dataset.name, "sites": [(s.name, s.size("train"), s.size("val"), s.size("test")) for s in dataset.sites],
                        "meta": dataset.meta, "config": digest, "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -345,7 +361,17 @@ def _run_uncached(dataset: Dataset, cfg: Config, config: FederationConfig, seed:
         "val_per_site": val,
         "bytes_per_round": total_bytes / max(result.rounds_completed, 1),
         "seconds": seconds,
+        "diagnostics": diagnostics(result.records, result.summary),
     }
+
+
+def diagnostics(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    """Collapse diagnostics of a run: mean of each round's largest α (None without α), models in use, spread."""
+    alphas = [max(r["server"]["alpha"]) for r in records if "alpha" in r.get("server", {})]
+    use = summary.get("model_use")
+    return {"alpha_max": statistics.fmean(alphas) if alphas else None,
+            "in_use": use["in_use"] if use else None, "spread": use["spread"] if use else None,
+            "reseeded": use["reseeded"] if use else None}
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -396,7 +422,86 @@ def result_name(dataset: Dataset, quick: bool) -> str:
 
 def best_baseline(methods: dict[str, Any]) -> str:
     """The baseline with the highest test mean (a reader's 'best baseline', not a tuned choice)."""
-    return max((m for m in methods if not m.startswith("fedfew") and m != LR_ABLATION), key=lambda m: methods[m]["mean"])
+    return max((m for m in methods if not m.startswith("fedfew") and m != LR_ABLATION and not m.startswith("ablation")),
+               key=lambda m: methods[m]["mean"])
+
+
+ROUNDS_GAIN = 0.01  # rounds are enough when doubling them gains FedAvg less than this on the validation mean
+
+
+def rounds_check(dataset: Dataset, seeds: Sequence[int], cache: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """The rounds rule: FedAvg (the data set's lr) at R and 2R rounds; R is enough when 2R gains < 1 point of validation.
+
+    Only validation is looked at. Runs are cached like every other run.
+    """
+    rounds = dataset.config.run.rounds
+    base = ("algorithm.name='fedavg'", "algorithm.params={}")
+    with tempfile.TemporaryDirectory() as tmp:
+        at = {r: [run_one(dataset, Config("rounds check", f"rounds={r}", (*base, f"run.rounds={r}")), s, Path(tmp), cache)["val_mean"]
+                  for s in seeds] for r in (rounds, 2 * rounds)}
+    v1, v2 = statistics.fmean(at[rounds]), statistics.fmean(at[2 * rounds])
+    out = {"rounds": rounds, "fedavg_val_mean": v1, "fedavg_val_mean_2x": v2, "gain": v2 - v1, "threshold": ROUNDS_GAIN,
+           "flat": v2 - v1 < ROUNDS_GAIN, "seeds": list(seeds)}
+    log(f"rounds check: FedAvg validation mean {v1:.3f} at {rounds} rounds, {v2:.3f} at {2 * rounds}: "
+        f"{'flat' if out['flat'] else 'NOT flat'} (gain {v2 - v1:+.3f}, rule < {ROUNDS_GAIN})")
+    return out
+
+
+FEDFEW_ROWS = ("fedfew K=3", "fedfew_ft K=3")  # the rows the goal is about (default preset, with and without fine-tuning)
+
+
+def paired_bootstrap(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], *, draws: int = 10000,
+                     seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap of ``a − b`` over seeds and sites, from two methods' ``per_seed`` runs.
+
+    Mean: the runs are paired by seed and, within a seed, by site; each draw resamples seeds with
+    replacement and, inside every drawn seed, sites with replacement, and takes the mean difference.
+    Worst site: per seed ``worst(a) − worst(b)``, resampled over seeds (with 3 seeds the interval is coarse;
+    resampling sites would bias a minimum). 95 % percentile intervals.
+    """
+    import numpy as np
+
+    by_seed_b = {r["seed"]: r for r in b}
+    pairs = [(r, by_seed_b[r["seed"]]) for r in a if r["seed"] in by_seed_b]
+    if not pairs:
+        raise ValueError("no seed in common")
+    sites = sorted(pairs[0][0]["per_site"])
+    diff = np.array([[x["per_site"][s] - y["per_site"][s] for s in sites] for x, y in pairs])  # (seeds, sites)
+    worst = np.array([x["worst"] - y["worst"] for x, y in pairs])  # (seeds,)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_sites = diff.shape
+    rows = rng.integers(0, n_seeds, size=(draws, n_seeds))
+    cols = rng.integers(0, n_sites, size=(draws, n_seeds, n_sites))
+    means = diff[rows[:, :, None], cols].mean(axis=(1, 2))
+    worsts = worst[rng.integers(0, n_seeds, size=(draws, n_seeds))].mean(axis=1)
+    return {
+        "mean": float(diff.mean()), "mean_ci": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+        "worst": float(worst.mean()), "worst_ci": [float(np.quantile(worsts, 0.025)), float(np.quantile(worsts, 0.975))],
+        "seeds": n_seeds, "sites": n_sites, "draws": draws,
+    }
+
+
+def comparisons(methods: dict[str, Any]) -> dict[str, Any]:
+    """Each FedFew row (default, fedfew_ft) against the best baseline and FedAvg, as paired bootstrap intervals.
+
+    ``matches``: the interval of the difference reaches 0 or above on mean **and** worst site (not worse
+    beyond noise); ``within_1pt_of_fedavg``: the mean is at most 1 point below FedAvg's.
+    """
+    if not any(r in methods for r in FEDFEW_ROWS):
+        return {}
+    best = best_baseline(methods)
+    out: dict[str, Any] = {"best_baseline": best}
+    for row in FEDFEW_ROWS:
+        if row not in methods:
+            continue
+        vs_best = paired_bootstrap(methods[row]["per_seed"], methods[best]["per_seed"])
+        entry: dict[str, Any] = {"vs_best": vs_best,
+                                 "matches": vs_best["mean_ci"][1] >= 0 and vs_best["worst_ci"][1] >= 0}
+        if "fedavg" in methods:
+            entry["vs_fedavg"] = paired_bootstrap(methods[row]["per_seed"], methods["fedavg"]["per_seed"])
+            entry["within_1pt_of_fedavg"] = methods[row]["mean"] >= methods["fedavg"]["mean"] - 0.01
+        out[row] = entry
+    return out
 
 
 def to_markdown(res: dict[str, Any]) -> str:
@@ -420,19 +525,22 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines += ["", "Published (FLamby, du Terrail et al. 2022, Table 3 — not measured here):", "",
                   "| strategy | mean accuracy (published) |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in res["published"].items()]
-    fedfew = [m for m in methods if m.startswith("fedfew K=")]
-    if fedfew:
-        settings = list(methods[fedfew[0]]["grid"])
-        lines += ["", "FedFew grid (test mean / validation mean):", "", "| K | " + " | ".join(settings) + " |",
-                  "|---|" + "---|" * len(settings)]
-        for m in fedfew:
-            g = methods[m]["grid"]
-            lines.append(f"| {m.split('=')[1]} | " + " | ".join(f"{g[s]['test_mean']:.3f} / {g[s]['val_mean']:.3f}" for s in settings) + " |")
-    if "fedfew K=3" in methods:
-        b = best_baseline(methods)
-        f = methods["fedfew K=3"]
-        lines += ["", f"Headline: FedFew K=3 mean {f['mean']:.3f}, worst {f['worst']:.3f}; best baseline by test mean: {b} "
-                  f"mean {methods[b]['mean']:.3f}, worst {methods[b]['worst']:.3f}."]
+    rc = res.get("rounds_check")
+    if rc:
+        lines += ["", f"Rounds rule: FedAvg's validation mean gains {rc['gain']:+.3f} from {rc['rounds']} to {2 * rc['rounds']} rounds "
+                  f"({'below' if rc['flat'] else 'NOT below'} the {rc['threshold']:.2f} threshold: the curve has "
+                  f"{'flattened' if rc['flat'] else 'not flattened'})."]
+    lines += ["", "Every configuration (test mean / validation mean / worst site):", ""]
+    for name, row in methods.items():
+        lines.append(f"- {name}: " + "; ".join(f"{k} {v['test_mean']:.3f} / {v['val_mean']:.3f} / {v['worst']:.3f}"
+                                             for k, v in row["grid"].items()))
+    for row_name, c in res.get("comparison", {}).items():
+        if row_name == "best_baseline":
+            continue
+        v = c["vs_best"]
+        lines += ["", f"{row_name} − {res['comparison']['best_baseline']} (paired bootstrap, {v['seeds']} seeds × {v['sites']} sites): "
+                  f"mean {v['mean']:+.3f} [{v['mean_ci'][0]:+.3f}, {v['mean_ci'][1]:+.3f}], worst site {v['worst']:+.3f} "
+                  f"[{v['worst_ci'][0]:+.3f}, {v['worst_ci'][1]:+.3f}] — {'matches' if c['matches'] else 'below'}."]
     if LR_ABLATION in methods:
         a = methods[LR_ABLATION]
         lines += ["", f"Ablation (not part of the headline, which keeps FedFew at the data set's lr): FedFew K=3 at μ = "
@@ -480,11 +588,28 @@ def write_results(
     print(f"wrote {stem}.json/.md/.png")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``) or the platform's machine type."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
+    """Where a result was measured. The CPU model and torch's kernel level (AVX2, AVX512...) are part of it:
+    the same run at 1 thread is bit-for-bit repeatable on one machine, but another kernel level or thread count
+    rounds differently, and FedFew's reference step amplifies that (README, "Reproducing a figure")."""
     import os
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.platform()}"
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{platform.platform()}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -493,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="list the data sets and grid sizes, then exit")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, first and last grid values, small data (smoke run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="FedFew / IFCA K values")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="K of the FedFew (default preset) and IFCA rows")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--fmnist-root", type=Path, default=None, help="folder of the Fashion-MNIST IDX files")
@@ -518,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Only one class is present")
     warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")  # label-skewed sites  # AUC on one-class val slices; accuracy is used
     seeds = args.seeds[:1] if args.quick else args.seeds
-    ks = ([k for k in args.ks if k in (1, 3)] or args.ks[:1]) if args.quick else args.ks
+    ks = args.ks
     t0 = time.perf_counter()
     dataset = DATASETS[args.dataset](args.data_dir.resolve(), args.quick, args)
     if args.rounds is not None:
@@ -540,7 +665,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "metric": PRIMARY[dataset.sites[0].task],
         "machine": machine(),
         "threads": args.threads,
-        "grids": {"mu": MUS, "lr_scale": LR_SCALES, "mu_prox": PROX, "ditto_lam": DITTO, "finetune_epochs": FT_EPOCHS, "k": ks},
+        "protocol": PROTOCOL,
+        "grids": {"budget": BUDGET, "knob_lr_scale": KNOB_LR_SCALES, "lr_scale": LR_SCALES, "fedfew_mu": FEDFEW_MUS,
+                  "reference_mu": REFERENCE_MUS, "mu_prox": PROX, "ditto_lam": DITTO, "finetune_epochs": FT_EPOCHS, "k": ks},
         "methods": methods,
         "published": FLAMBY_PUBLISHED if dataset.name == "heart" else None,
         "wall_seconds": time.perf_counter() - t0,
@@ -548,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "cached_runs": sum(m["cached_runs"] for m in methods.values()),
         **dataset.meta,
     }
+    res["comparison"] = comparisons(methods)
+    if not args.quick and not args.methods:
+        res["rounds_check"] = rounds_check(dataset, seeds, cache, lambda m: print(m, flush=True))
     write_results(res, args.out / result_name(dataset, args.quick), to_markdown, plot)
 
 

@@ -39,7 +39,7 @@ K, MU = 3, 0.01
 
 def configs() -> list[Config]:
     def fedfew(label: str, **extra: Any) -> Config:
-        params = {"k": K, "mu": MU, **extra}
+        params = {"preset": "reference", "k": K, "mu": MU, **extra}  # the committed curves are the reference step's
         body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
         return Config(label, "", ("algorithm.name='fedfew'", f"algorithm.params={{{body}}}"))
 

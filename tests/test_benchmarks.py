@@ -36,7 +36,9 @@ def test_quality_quick_on_demo(tmp_path: Path) -> None:
     again = json.loads((tmp_path / "quality_demo_quick.json").read_text())
     assert again["cached_runs"] == sum(len(row["per_seed"]) * len(row["grid"]) for row in res["methods"].values())
     assert {m: r["mean"] for m, r in again["methods"].items()} == {m: r["mean"] for m, r in res["methods"].items()}
-    assert set(res["methods"]) == {"fedfew K=3", "local", "fedavg", "fedprox", "ifca K=3", "ditto", "fedavg_ft"}
+    assert set(res["methods"]) == {"fedfew K=3", "fedfew_ft K=3", "fedfew reference K=3", "local", "fedavg", "fedprox", "ifca K=3",
+                                   "ditto", "fedavg_ft"}
+    assert res["protocol"] == 2 and set(res["comparison"]) == {"best_baseline", "fedfew K=3", "fedfew_ft K=3"}
     for row in res["methods"].values():
         assert 0.0 <= row["mean"] <= 1.0 and row["worst"] <= row["mean"] and row["selected"] in row["grid"]
     assert res["methods"]["fedfew K=3"]["bytes_per_round"] > res["methods"]["fedavg"]["bytes_per_round"]

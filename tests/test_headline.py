@@ -29,3 +29,24 @@ def test_headline_compares_fedfew_k3_with_the_best_baseline_of_full_runs_only(tm
     # the best baseline is FedAvg (neither another FedFew K nor the ablation row), and FedFew does not win
     assert rows == ["| Data A | accuracy | 0.800 ± 0.010 / 0.700 (mu=0.01) | fedavg: 0.850 ± 0.010 / 0.750 (lr=0.02) | no | 3 | 10 |"]
     assert (tmp_path / "headline.md").read_text() == out
+
+
+def test_protocol_2_results_get_the_interval_table(tmp_path: Path) -> None:
+    def runs(values: list[float]) -> list[dict]:
+        return [{"seed": s, "per_site": {"x": v, "y": v - 0.1}, "worst": v - 0.1, "mean": v - 0.05} for s, v in enumerate(values)]
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    methods = {"fedfew K=3": {**_row(0.80, 0.70, "mu=0.1"), "per_seed": runs([0.85, 0.85, 0.85])},
+               "fedfew_ft K=3": {**_row(0.82, 0.72, "finetune_epochs=5"), "per_seed": runs([0.87, 0.87, 0.87])},
+               "fedfew reference K=3": {**_row(0.60, 0.40, "mu=0.01"), "per_seed": runs([0.6, 0.6, 0.6])},
+               "fedavg": {**_row(0.81, 0.71, "lr=0.02"), "per_seed": runs([0.86, 0.86, 0.86])}}
+    res = {"description": "Data P", "metric": "accuracy", "seeds": [0, 1, 2], "protocol": 2, "methods": methods,
+           "comparison": quality.comparisons(methods)}
+    (tmp_path / "quality_p.json").write_text(json.dumps(res))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "headline.py"), "--results", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| Data P"))
+    # fedfew_ft is the better FedFew row: +0.010 over FedAvg on every seed and site, so a point interval, a match
+    assert "fedavg: 0.810 ± 0.010 / 0.710" in row and "fedfew_ft: +0.010 [+0.010, +0.010] / +0.010 [+0.010, +0.010] | yes | yes | 3 |" in row

@@ -1,0 +1,66 @@
+"""benchmarks/quality.py protocol 2: equal configuration budgets, the paired bootstrap, the comparison row."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import quality  # noqa: E402
+
+from fedfew_med.config import load_federation  # noqa: E402
+
+
+def _run(seed: int, per_site: dict[str, float]) -> dict:
+    return {"seed": seed, "per_site": per_site, "worst": min(per_site.values()), "mean": float(np.mean(list(per_site.values())))}
+
+
+def test_constant_difference_has_a_point_interval() -> None:
+    a = [_run(s, {"x": 0.9, "y": 0.8}) for s in range(3)]
+    b = [_run(s, {"x": 0.85, "y": 0.75}) for s in range(3)]
+    got = quality.paired_bootstrap(a, b, draws=2000)
+    assert got["mean"] == pytest.approx(0.05) and got["mean_ci"] == pytest.approx([0.05, 0.05])
+    assert got["worst"] == pytest.approx(0.05) and got["worst_ci"] == pytest.approx([0.05, 0.05])
+
+
+def test_site_resampling_by_hand() -> None:
+    """One seed, two sites with differences 0 and 1: a draw's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4,
+    so the 2.5 % and 97.5 % quantiles are 0 and 1, and about half the draws are 0.5."""
+    got = quality.paired_bootstrap([_run(0, {"x": 1.0, "y": 1.0})], [_run(0, {"x": 1.0, "y": 0.0})], draws=20000)
+    assert got["mean"] == 0.5 and got["mean_ci"] == [0.0, 1.0]
+
+
+def test_pairs_are_matched_by_seed_not_by_order() -> None:
+    a = [_run(s, {"x": 0.5 + 0.1 * s, "y": 0.4}) for s in range(3)]
+    b = [_run(s, {"x": 0.5 + 0.1 * s, "y": 0.4}) for s in range(3)]
+    got = quality.paired_bootstrap(a, list(reversed(b)))
+    assert got["mean"] == 0.0 and got["mean_ci"] == [0.0, 0.0]  # unpaired (by order) it would not be 0
+
+
+def test_every_method_gets_the_same_budget() -> None:
+    config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
+    dataset = quality.Dataset("demo", config, [object()] * 6, "demo")  # type: ignore[list-item]
+    grid = quality.method_grid(dataset, quick=False)
+    counts: dict[str, int] = {}
+    for c in grid:
+        counts[c.method] = counts.get(c.method, 0) + 1
+    assert set(counts) == {"fedfew K=3", "fedfew_ft K=3", "fedfew reference K=3", "local", "fedavg", "fedprox", "ifca K=3",
+                           "ditto", "fedavg_ft"}
+    assert set(counts.values()) == {quality.BUDGET}
+    assert len({c.overrides for c in grid}) == len(grid)  # no configuration twice
+    reference = [c for c in grid if c.method == "fedfew reference K=3"]
+    assert all("preset = \"reference\"" in c.overrides[1] for c in reference)
+
+
+def test_comparison_flags_a_match_only_when_both_intervals_reach_zero() -> None:
+    fedfew = {"mean": 0.8, "per_seed": [_run(s, {"x": 0.8, "y": 0.7}) for s in range(3)]}
+    better_mean_worse_worst = {"mean": 0.79, "per_seed": [_run(s, {"x": 0.88, "y": 0.7 + 0.001 * (s + 1)}) for s in range(3)]}
+    comp = quality.comparisons({"fedfew K=3": fedfew, "ditto": better_mean_worse_worst, "fedavg": better_mean_worse_worst})
+    assert comp["best_baseline"] in {"ditto", "fedavg"}
+    assert comp["fedfew K=3"]["vs_best"]["worst_ci"][1] < 0 and not comp["fedfew K=3"]["matches"]
+    assert comp["fedfew K=3"]["within_1pt_of_fedavg"]

@@ -166,6 +166,8 @@ def model_use(models: Sequence[Params], evaluation: Mapping[str, Mapping[str, An
     in_use = len({e["model"] for e in evaluation.values() if e.get("model") is not None})
     spread = model_spread(models)
     reseeded = sum(len(r.get("server", {}).get("reseeded", [])) for r in records)
-    note = collapse_note(in_use, len(models), spread) + (f"; {reseeded} re-seeded" if reseeded else "")
+    alphas = [max(r["server"]["alpha"]) for r in records if r.get("server", {}).get("alpha")]
+    alpha_max = sum(alphas) / len(alphas) if alphas else None
+    note = collapse_note(in_use, len(models), spread, alpha_max) + (f"; {reseeded} model(s) re-seeded" if reseeded else "")
     return {"in_use": in_use, "of": len(models), "spread": spread, "collapsed": spread < COLLAPSE_SPREAD,
-            "reseeded": reseeded, "note": note}
+            "alpha_max": alpha_max, "reseeded": reseeded, "note": note}

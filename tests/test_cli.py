@@ -58,7 +58,10 @@ def test_simulate_prints_table_and_resumes(tmp_path, capsys):
     assert main(["simulate", str(cfg), "-o", str(out_dir), "--resume", "-q"]) == 0
     out = capsys.readouterr().out
     assert "fedfew (K=2), 4 rounds" in out and "site00-bright" in out and "Jain" in out
-    assert json.loads((out_dir / "summary.json").read_text())["finished"] is True
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["finished"] is True
+    use = summary["model_use"]  # how many models the sites deploy, and why: one line under the table
+    assert f"models: {use['note']}" in out and use["of"] == 2 and 1 <= use["in_use"] <= 2
 
 
 def test_console_script_entry_point():

@@ -115,12 +115,19 @@ def model_spread(models: Sequence[Params]) -> float:
 COLLAPSE_SPREAD = 0.01  # relative spread below which the K models are reported as one
 
 
-def collapse_note(in_use: int, k: int, spread: float) -> str:
-    """One line on model use for the end-of-run table, e.g. ``"sites use 2 of 3 models"``."""
+def collapse_note(in_use: int, k: int, spread: float, alpha_max: float | None = None) -> str:
+    """One line on model use, and why, for the end-of-run table, e.g. ``"sites use 2 of 3 models: ..."``.
+
+    ``alpha_max`` is the mean over rounds of the largest site importance α_i (FedFew only): near 1, one
+    site steered every step, which is how the reference preset collapses.
+    """
     if k < 2:
         return f"one model (K = {k})"
+    steered = (f"; α put {alpha_max:.2f} of the weight on one site per round on average, so its model took most steps"
+               if alpha_max is not None and alpha_max > 0.8 else "")
     if spread < COLLAPSE_SPREAD:
-        return f"sites use {in_use} of {k} models; the {k} models collapsed into one (relative spread {spread:.3f})"
+        return f"sites use {in_use} of {k} models, and the {k} models collapsed into one (relative spread {spread:.3f}){steered}"
     if in_use < k:
-        return f"sites use {in_use} of {k} models (the others serve no site best; relative spread {spread:.2f})"
-    return f"sites use all {k} models (relative spread {spread:.2f})"
+        return (f"sites use {in_use} of {k} models: the other {k - in_use} fit no site better than these "
+                f"(relative spread {spread:.2f}){steered}")
+    return f"sites use all {k} models: each is the best fit of at least one site (relative spread {spread:.2f})"

@@ -205,8 +205,10 @@ def test_model_spread_and_collapse_note() -> None:
     assert model_spread([one, one, one]) == 0.0
     other = {"x": torch.tensor([0.0, 0.0])}
     assert model_spread([one, other]) == pytest.approx(5.0 / 2.5)
-    assert "collapsed" in collapse_note(1, 3, 0.001)
-    assert collapse_note(2, 3, 0.5).startswith("sites use 2 of 3 models")
+    assert "collapsed into one" in collapse_note(1, 3, 0.001)
+    assert collapse_note(2, 3, 0.5).startswith("sites use 2 of 3 models: the other 1 fit no site better")
+    assert "α put 0.95 of the weight on one site" in collapse_note(1, 3, 0.5, alpha_max=0.95)
+    assert "α put" not in collapse_note(1, 3, 0.5, alpha_max=0.3)
     assert collapse_note(3, 3, 0.5).startswith("sites use all 3")
 
 

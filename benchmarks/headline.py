@@ -9,7 +9,8 @@ Reads ``benchmarks/results/quality_<dataset>.json`` (full runs only; ``*_quick``
 ``speed.json`` and ``sparse_<dataset>.json`` and prints a Markdown summary (also written to
 ``benchmarks/results/headline.md``), so the README's table is generated, never typed::
 
-    .venv/bin/python benchmarks/headline.py
+    .venv/bin/python benchmarks/headline.py                     # prints it, writes headline.md
+    .venv/bin/python benchmarks/headline.py --readme README.md  # and the README's headline block
 """
 
 from __future__ import annotations
@@ -94,6 +95,16 @@ def ablation_rows(results: Path) -> list[str]:
             cells.append("-" if r is None else f"{r['mean']:.3f} / {r['worst']:.3f} / {r['val_mean']:.3f} "
                          f"(α max {r['alpha_max']:.2f}, {r['in_use']:.1f} in use)")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += ["", "Validation gain of each change in the default (validation mean of `default` minus `default - X`; "
+            "positive: the change helps; the rule that chose the default keeps a change whose mean gain is >= 0):", "",
+            "| change | " + " | ".join(f["dataset"] for f in files) + " | mean |", "|---|" + "---|" * (len(files) + 1)]
+    for name in names:
+        if not name.startswith("default - "):
+            continue
+        gains = [f["rows"]["default"]["val_mean"] - f["rows"][name]["val_mean"] for f in files
+                 if "default" in f["rows"] and name in f["rows"]]
+        cells = [f"{f['rows']['default']['val_mean'] - f['rows'][name]['val_mean']:+.3f}" if name in f["rows"] else "-" for f in files]
+        out.append(f"| {name.removeprefix('default - ')} | " + " | ".join(cells) + f" | {sum(gains) / len(gains):+.3f} |")
     return out
 
 
@@ -114,13 +125,28 @@ def speed_rows(results: Path) -> list[str]:
     return out
 
 
+BEGIN, END = "<!-- headline:begin (benchmarks/headline.py --readme) -->", "<!-- headline:end -->"
+
+
+def update_readme(path: Path, text: str) -> None:
+    """Replace the block between the headline markers in ``path`` with ``text``."""
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to replace")
+    head, rest = doc.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--readme", type=Path, default=None, help="also write the tables into this README's headline block")
     args = parser.parse_args()
     text = "\n".join(protocol2_rows(args.results) + ablation_rows(args.results) + quality_rows(args.results)
                      + speed_rows(args.results)) + "\n"
     (args.results / "headline.md").write_text(text)
+    if args.readme is not None:
+        update_readme(args.readme, text)
     print(text, end="")
 
 

@@ -29,6 +29,13 @@ def test_headline_compares_fedfew_k3_with_the_best_baseline_of_full_runs_only(tm
     # the best baseline is FedAvg (neither another FedFew K nor the ablation row), and FedFew does not win
     assert rows == ["| Data A | accuracy | 0.800 ± 0.010 / 0.700 (mu=0.01) | fedavg: 0.850 ± 0.010 / 0.750 (lr=0.02) | no | 3 | 10 |"]
     assert (tmp_path / "headline.md").read_text() == out
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- headline:begin (benchmarks/headline.py --readme) -->\nold\n<!-- headline:end -->\nrest\n")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "headline.py"), "--results", str(tmp_path), "--readme", str(readme)],
+                   capture_output=True, text=True, check=True)
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- headline:begin") and text.endswith("<!-- headline:end -->\nrest\n")
+    assert out in text and "\nold\n" not in text
 
 
 def test_protocol_2_results_get_the_interval_table(tmp_path: Path) -> None:

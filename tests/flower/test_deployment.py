@@ -53,7 +53,8 @@ def _models(run_dir: Path, k: int) -> list[dict[str, torch.Tensor]]:
 
 # DP at every site (fixed noise: no σ search in each ClientApp process) and at the server
 DP = {"privacy": {"epsilon": 50.0, "noise_multiplier": 1.0, "loss_noise_multiplier": 5.0},
-      "server_privacy": {"clip": 1.0, "noise_multiplier": 0.8}}
+      "server_privacy": {"clip": 1.0, "noise_multiplier": 0.8},
+      "algorithm": {"name": "fedfew", "params": {"k": 2, "mu": 0.01, "reseed_after": 0}}}  # server DP: no re-seeding
 
 
 @pytest.mark.parametrize("tables", [{}, DP], ids=["plain", "dp"])

@@ -248,3 +248,32 @@ def test_a_run_dir_in_use_or_of_another_config_is_refused(tmp_path):
     simulate(config, run_dir=tmp_path / "sim")
     with pytest.raises(rundir.RunDirError, match="simulation cannot be resumed"):
         Coordinator(grid, config, _settings(tmp_path, path, run_dir=tmp_path / "sim", resume=True)).run()
+
+
+def test_fedfew_re_seeding_on_flower_matches_the_simulation_and_resumes(tmp_path):
+    """The idle counts travel in the coordinator's checkpoint: a run cut off after round 2 and resumed re-seeds
+    in the same rounds as the simulation and ends with its models and records."""
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 5},
+                          algorithm={"name": "fedfew", "params": {"k": 3, "reseed_after": 2, "init": "identical"}})
+    expected = simulate(config, run_dir=tmp_path / "sim")
+    reseeded = [(r["round"], x["idle_rounds"]) for r in expected.records for x in r["server"]["reseeded"]]
+    cut = 2  # the last round before the outage
+    assert any(rnd > cut and rnd - idle + 1 <= cut for rnd, idle in reseeded), reseeded  # idle since before the cut
+    grid = _grid(tmp_path, path)
+    broken = {"on": True}
+
+    def outage(msg):
+        if broken["on"] and msg.metadata.message_type == "train" and msg.metadata.group_id == str(cut + 1):
+            raise OSError("network down")
+
+    grid.before_handle = outage
+    with pytest.raises(FederationError, match="fewer than min-sites=3"):
+        Coordinator(grid, config, _settings(tmp_path, path, min_sites=3)).run()
+    ckpt = checkpoint.load(tmp_path / "run")
+    assert ckpt is not None and ckpt.round == cut
+    assert ckpt.state["algorithm"] == {"idle": expected.records[cut]["server"]["idle_rounds"]}
+    broken["on"] = False
+    result = Coordinator(grid, config, _settings(tmp_path, path, min_sites=3, resume=True)).run()
+    _same_models(expected.models, result.models)
+    assert _records(tmp_path / "run") == _records(tmp_path / "sim")

@@ -8,10 +8,11 @@ Rows (FedFew K = 3, the data set's client lr, nothing tuned):
 
 * ``reference``: the authors' behaviour (``preset = "reference"``, μ = 0.01).
 * ``default``: ``preset = "default"`` (normalised per-model step, scale-free temperatures on the log
-  loss with μ = 0.1 over models and μ_α = 1 over sites, uniform site weights, independent inits,
-  re-seeding after 3 idle rounds).
-* ``default − X``: the default with change X reverted to the reference's value.
-* ``reference + X``: the reference with only change X.
+  loss with μ = 0.1 over models and μ_α = 1 over sites, independent inits, re-seeding after 3 idle
+  rounds; sample-weighted sites as the reference).
+* ``default - X``: the default with switch X back at the reference's value; ``default + X``: the
+  default with a switch it leaves off turned on (uniform site weights).
+* ``reference + X``: the reference with only switch X on.
 
 Each change is thus seen on and off from both ends (interactions show as rows that do not add up).
 Reported per row: mean and worst site on the test split, validation mean (what a choice may look at),
@@ -38,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import DATASETS, RESULTS, ROOT, Config, aggregate, machine, result_name, run_one  # noqa: E402
 
+from fedfew_med.algorithms.fedfew import PRESETS  # noqa: E402
+
 K = 3
-# change -> (the default's value(s), the reference's value(s))
+# switch -> (its values when on, the reference's values). The default preset has a switch on when its values match.
 CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "normalised step": ({"step": "normalized"}, {"step": "reference"}),
     "scale-free temperatures": ({"loss_scale": "log", "mu": 0.1, "mu_site": 1.0}, {"loss_scale": "linear", "mu": 0.01, "mu_site": 0.01}),
@@ -49,17 +52,25 @@ CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
+def in_default(on: dict[str, Any]) -> bool:
+    """Whether the default preset has this switch on."""
+    return all(PRESETS["default"].get(k) == v for k, v in on.items())
+
+
 def _alg(params: dict[str, Any]) -> tuple[str, ...]:
     body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
     return ("algorithm.name='fedfew'", f"algorithm.params={{{body}}}")
 
 
 def ablation_rows() -> list[Config]:
-    """reference, default, default − each change, reference + each change."""
+    """reference, default, the default with each switch flipped (``default - X`` or ``default + X``), reference + each."""
     rows = [Config("ablation", "reference", _alg({"preset": "reference", "k": K})),
             Config("ablation", "default", _alg({"preset": "default", "k": K}))]
-    for name, (_on, off) in CHANGES.items():
-        rows.append(Config("ablation", f"default - {name}", _alg({"preset": "default", "k": K, **off})))
+    for name, (on, off) in CHANGES.items():
+        if in_default(on):
+            rows.append(Config("ablation", f"default - {name}", _alg({"preset": "default", "k": K, **off})))
+        else:
+            rows.append(Config("ablation", f"default + {name}", _alg({"preset": "default", "k": K, **on})))
     for name, (on, _off) in CHANGES.items():
         rows.append(Config("ablation", f"reference + {name}", _alg({"preset": "reference", "k": K, **on})))
     return rows

@@ -95,16 +95,18 @@ def ablation_rows(results: Path) -> list[str]:
             cells.append("-" if r is None else f"{r['mean']:.3f} / {r['worst']:.3f} / {r['val_mean']:.3f} "
                          f"(α max {r['alpha_max']:.2f}, {r['in_use']:.1f} in use)")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
-    out += ["", "Validation gain of each change in the default (validation mean of `default` minus `default - X`; "
-            "positive: the change helps; the rule that chose the default keeps a change whose mean gain is >= 0):", "",
-            "| change | " + " | ".join(f["dataset"] for f in files) + " | mean |", "|---|" + "---|" * (len(files) + 1)]
+    out += ["", "Validation gain of each switch (validation mean with it on minus with it off, the rest as the default: "
+            "`default` − `default - X`, or `default + X` − `default`); the default has a switch on when its mean gain is ≥ 0:", "",
+            "| switch | " + " | ".join(f["dataset"] for f in files) + " | mean | in the default |", "|---|" + "---|" * (len(files) + 2)]
     for name in names:
-        if not name.startswith("default - "):
+        if not name.startswith(("default - ", "default + ")):
             continue
-        gains = [f["rows"]["default"]["val_mean"] - f["rows"][name]["val_mean"] for f in files
-                 if "default" in f["rows"] and name in f["rows"]]
-        cells = [f"{f['rows']['default']['val_mean'] - f['rows'][name]['val_mean']:+.3f}" if name in f["rows"] else "-" for f in files]
-        out.append(f"| {name.removeprefix('default - ')} | " + " | ".join(cells) + f" | {sum(gains) / len(gains):+.3f} |")
+        sign = 1.0 if name.startswith("default - ") else -1.0
+        gains = {f["dataset"]: sign * (f["rows"]["default"]["val_mean"] - f["rows"][name]["val_mean"]) for f in files
+                 if "default" in f["rows"] and name in f["rows"]}
+        cells = [f"{gains[f['dataset']]:+.3f}" if f["dataset"] in gains else "-" for f in files]
+        mean = sum(gains.values()) / len(gains)
+        out.append(f"| {name[len('default - '):]} | " + " | ".join(cells) + f" | {mean:+.3f} | {'yes' if sign > 0 else 'no'} |")
     return out
 
 

@@ -103,7 +103,7 @@ PROX = (0.01, 0.1)
 DITTO = (0.1, 1.0)
 FT_EPOCHS = (1, 5)
 KS = (3,)
-CACHE_VERSION = 2  # 2: FedFew's defaults became preset "default" (a config's meaning changed; older runs are not reused)
+CACHE_VERSION = 3  # 2: FedFew's defaults became preset "default"; 3: the key holds the resolved algorithm options
 REFERENCE_MU = 0.01  # the reference code's default, used by the lr ablation
 LR_ABLATION = f"ablation: fedfew K=3, mu={REFERENCE_MU}, lr grid"
 
@@ -310,8 +310,19 @@ def validation_scores(config: FederationConfig, sites: Sequence[SiteData], run_d
     return out
 
 
+def algorithm_options(config: FederationConfig) -> dict[str, Any]:
+    """The algorithm's options as resolved (a preset's values filled in): what a run actually used."""
+    import dataclasses
+
+    from fedfew_med.algorithms import build_algorithm
+
+    options = build_algorithm(config.algorithm.name, config.algorithm.params).options  # type: ignore[attr-defined]
+    return dataclasses.asdict(options)
+
+
 def cache_key(dataset: Dataset, config: FederationConfig) -> str:
-    """What a run's result depends on: the data set (its sites) and the whole run config.
+    """What a run's result depends on: the data set (its sites), the whole run config and the algorithm's
+    resolved options (so a preset whose values change does not reuse runs made with the old values).
 
     A run that evaluates only at its end is keyed with ``eval_every = 10**6``, however it is
     written, as the first cached runs were (before [run].eval_every was bounded).
@@ -320,8 +331,10 @@ def cache_key(dataset: Dataset, config: FederationConfig) -> str:
     if resolved["run"]["eval_every"] >= resolved["run"]["rounds"]:
         resolved["run"]["eval_every"] = 10**6
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    blob = json.dumps({"version": CACHE_VERSION, "dataset": dataset.name, "sites": [(s.name, s.size("train"), s.size("val"), s.size("test")) for s in dataset.sites],
-                       "meta": dataset.meta, "config": digest, "torch": torch.__version__}, sort_keys=True, default=str)
+    blob = json.dumps({"version": CACHE_VERSION, "dataset": dataset.name,
+                       "sites": [(s.name, s.size("train"), s.size("val"), s.size("test")) for s in dataset.sites],
+                       "meta": dataset.meta, "config": digest, "options": algorithm_options(config), "torch": torch.__version__},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

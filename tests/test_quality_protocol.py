@@ -64,3 +64,25 @@ def test_comparison_flags_a_match_only_when_both_intervals_reach_zero() -> None:
     assert comp["best_baseline"] in {"ditto", "fedavg"}
     assert comp["fedfew K=3"]["vs_best"]["worst_ci"][1] < 0 and not comp["fedfew K=3"]["matches"]
     assert comp["fedfew K=3"]["within_1pt_of_fedavg"]
+
+
+class _Site:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def size(self, split: str) -> int:
+        return {"train": 10, "val": 2, "test": 3}[split]
+
+
+def test_the_run_cache_key_follows_the_resolved_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preset whose values change must not reuse runs made under the old values; other methods keep their keys."""
+    from fedfew_med.algorithms import fedfew
+
+    config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
+    dataset = quality.Dataset("demo", config, [_Site("a"), _Site("b")], "demo")  # type: ignore[list-item]
+    fedavg = dataset.with_overrides(["algorithm.name='fedavg'", "algorithm.params={}"])
+    before = quality.cache_key(dataset, config), quality.cache_key(dataset, fedavg)
+    assert quality.cache_key(dataset, config) == before[0]  # stable
+    monkeypatch.setitem(fedfew.PRESETS, "default", {**fedfew.PRESETS["default"], "site_weights": "uniform"})
+    assert quality.cache_key(dataset, config) != before[0]
+    assert quality.cache_key(dataset, fedavg) == before[1]

@@ -15,7 +15,7 @@ option             ``reference``       ``default``         what it does
 ``loss_scale``     ``linear``          ``log``             A = λ L, or log λ + log L (μ is relative)
 ``mu``             0.01                0.1                 temperature of the soft-min over models
 ``mu_site``        (= ``mu``)          1.0                 temperature of the soft-max over sites
-``site_weights``   ``samples``         ``uniform``         λ_i = n_i / N, or 1 / M
+``site_weights``   ``samples``         ``samples``         λ_i = n_i / N, or 1 / M (``uniform``)
 ``init``           ``identical``       ``independent``     K copies of one init, or K inits
 ``reseed_after``   0 (never)           3                   re-seed a model no site owned for r rounds
 =================  ==================  ==================  ===========================================
@@ -90,7 +90,7 @@ from fedfew_med.config import require
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": {"step": "reference", "loss_scale": "linear", "mu": 0.01, "mu_site": None, "site_weights": "samples",
                   "init": "identical", "reseed_after": 0},
-    "default": {"step": "normalized", "loss_scale": "log", "mu": 0.1, "mu_site": 1.0, "site_weights": "uniform",
+    "default": {"step": "normalized", "loss_scale": "log", "mu": 0.1, "mu_site": 1.0, "site_weights": "samples",
                 "init": "independent", "reseed_after": 3},
 }
 

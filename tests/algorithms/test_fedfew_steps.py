@@ -174,7 +174,7 @@ def test_reseed_copies_the_worst_served_sites_update_and_says_so() -> None:
 
 
 def test_reseeding_in_the_server_step_is_recorded_and_kept_as_state() -> None:
-    algo = build_algorithm("fedfew", {"k": 3, "reseed_after": 2})
+    algo = build_algorithm("fedfew", {"k": 3, "reseed_after": 2, "site_weights": "uniform"})
     losses = {s: (0.1, 0.2, 9.0) for s in SITES}  # model 2 never owned
     models = [torchify(b) for b in BASE]
     # round 0: models 1, 2 idle once; round 1: both idle twice, the lower index (1) is re-seeded from the worst-served
@@ -193,7 +193,7 @@ def test_reseeding_in_the_server_step_is_recorded_and_kept_as_state() -> None:
                                              "round": r}]
             np.testing.assert_array_equal(models[want_model[r]]["w"].numpy(), RETURNED["a"][0]["w"])
     assert algo.server_state() == {"idle": [0, 1, 0]}
-    restored = build_algorithm("fedfew", {"k": 3, "reseed_after": 2})
+    restored = build_algorithm("fedfew", {"k": 3, "reseed_after": 2, "site_weights": "uniform"})
     restored.load_server_state(algo.server_state())
     assert restored.server_state() == algo.server_state()
     with pytest.raises(ValueError, match="idle"):

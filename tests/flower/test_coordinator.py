@@ -255,7 +255,7 @@ def test_fedfew_re_seeding_on_flower_matches_the_simulation_and_resumes(tmp_path
     in the same rounds as the simulation and ends with its models and records."""
     path = tmp_path / "fed.toml"
     config = write_config(path, run={"rounds": 5},
-                          algorithm={"name": "fedfew", "params": {"k": 3, "reseed_after": 2, "init": "identical"}})
+                          algorithm={"name": "fedfew", "params": {"k": 3, "reseed_after": 2, "init": "identical", "site_weights": "uniform"}})
     expected = simulate(config, run_dir=tmp_path / "sim")
     reseeded = [(r["round"], x["idle_rounds"]) for r in expected.records for x in r["server"]["reseeded"]]
     cut = 2  # the last round before the outage

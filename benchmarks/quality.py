@@ -636,7 +636,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--fmnist-root", type=Path, default=None, help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--rounds", type=int, default=None, help="override the data set's rounds (e.g. 1 for a smoke test)")
-    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (a label, or its name before ' K=': fedfew, ifca)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="run only these methods (a label, or its name before ' K=': fedfew, 'fedfew reference', fedfew_ft, ifca)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on shared cores, 2 threads made a logistic-regression run 20x slower)")
     parser.add_argument("--fmnist-records", type=int, default=None, help="use a random subset of this many records")
@@ -664,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dataset.config = dataset.with_overrides([])
     grid = method_grid(dataset, ks=ks, quick=args.quick, lr_ablation=args.lr_ablation)
     if args.methods:
-        grid = [c for c in grid if any(c.method == m or c.method.startswith(m + " ") for m in args.methods)]
+        grid = [c for c in grid if any(c.method == m or c.method.split(" K=")[0] == m for m in args.methods)]
     print(f"{dataset.description}: {len(dataset.sites)} sites, {len(grid)} configurations x {len(seeds)} seeds", flush=True)
     cache = None if args.no_cache else args.cache_dir / result_name(dataset, args.quick)
     methods = run_grid(dataset, grid, seeds, lambda s: print(s, flush=True), cache)

@@ -21,7 +21,7 @@ Two generalisations, both off in the reference preset:
   non-smooth objective ``max_i min_k A_ik`` has the same minimisers as on the linear
   scale, but μ becomes a *relative* loss gap (μ_w = 0.1: a model with a 10 % lower
   loss gets e ≈ 2.7 times the weight), the same on every data set and in every round,
-  and ``α_i ∝ (min_k L_ik)^(1/μ_α)`` (μ_α = 1: weight proportional to loss, as q-FFL).
+  and ``α_i ∝ (λ_i min_k L_ik)^(1/μ_α)`` approximately (μ_α = 1: λ_i times the loss, q-FFL's weights with q = 1).
 
 Everything goes through ``torch.logsumexp``: with μ = 0.01 and losses of order
 1, ``exp(-A/μ)`` under- or overflows in float64 long before the weights do.

@@ -40,10 +40,19 @@ def _cell(row: dict) -> str:
     return f"{row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} / {row['worst']:.3f}"
 
 
+def _rounds(res: dict) -> str:
+    rc = res.get("rounds_check")
+    if not rc:
+        return "not checked"
+    verdict = "met" if rc["flat"] else "**not met**"
+    return f"{verdict}: {rc['rounds']} rounds, {rc['gain']:+.3f} at {2 * rc['rounds']}"
+
+
 def protocol2_rows(results: Path) -> list[str]:
     rows = ["| data set | metric | FedFew (default) mean ± std / worst | fedfew_ft | reference preset | best baseline | "
-            "best FedFew row − best baseline: mean [95 % CI] / worst [95 % CI] | matches? | ≥ FedAvg − 1 pt? | seeds |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "best FedFew row − best baseline: mean [95 % CI] / worst [95 % CI] | matches? | ≥ FedAvg − 1 pt? | seeds | "
+            "rounds rule (FedAvg R → 2R) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in _full_runs(results):
         methods, comp = res["methods"], res.get("comparison", {})
         if res.get("protocol") != 2 or not comp:
@@ -57,7 +66,7 @@ def protocol2_rows(results: Path) -> list[str]:
         rows.append(f"| {res['description']} | {res['metric']} | {' | '.join(cells)} | {b}: {_cell(methods[b])} | "
                     f"{best_row.split(' ')[0]}: {v['mean']:+.3f} [{v['mean_ci'][0]:+.3f}, {v['mean_ci'][1]:+.3f}] / "
                     f"{v['worst']:+.3f} [{v['worst_ci'][0]:+.3f}, {v['worst_ci'][1]:+.3f}] | {'yes' if c['matches'] else 'no'} | "
-                    f"{'yes' if c.get('within_1pt_of_fedavg') else 'no'} | {len(res['seeds'])} |")
+                    f"{'yes' if c.get('within_1pt_of_fedavg') else 'no'} | {len(res['seeds'])} | {_rounds(res)} |")
     return rows
 
 

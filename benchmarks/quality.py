@@ -89,6 +89,7 @@ from fedfew_med import checkpoint  # noqa: E402
 from fedfew_med.config import MAX_ROUNDS, FederationConfig, federation_from_dict, load_federation  # noqa: E402
 from fedfew_med.data import SiteData, build_sites  # noqa: E402
 from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_metrics  # noqa: E402
+from fedfew_med.rundir import mean_alpha_max  # noqa: E402
 from fedfew_med.simulation import Federation, run  # noqa: E402
 from fedfew_med.training import SiteState  # noqa: E402
 
@@ -380,9 +381,8 @@ def _run_uncached(dataset: Dataset, cfg: Config, config: FederationConfig, seed:
 
 def diagnostics(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
     """Collapse diagnostics of a run: mean of each round's largest α (None without α), models in use, spread."""
-    alphas = [max(r["server"]["alpha"]) for r in records if "alpha" in r.get("server", {})]
     use = summary.get("model_use")
-    return {"alpha_max": statistics.fmean(alphas) if alphas else None,
+    return {"alpha_max": mean_alpha_max(records),
             "in_use": use["in_use"] if use else None, "spread": use["spread"] if use else None,
             "reseeded": use["reseeded"] if use else None}
 

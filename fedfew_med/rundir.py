@@ -166,8 +166,13 @@ def model_use(models: Sequence[Params], evaluation: Mapping[str, Mapping[str, An
     in_use = len({e["model"] for e in evaluation.values() if e.get("model") is not None})
     spread = model_spread(models)
     reseeded = sum(len(r.get("server", {}).get("reseeded", [])) for r in records)
-    alphas = [max(r["server"]["alpha"]) for r in records if r.get("server", {}).get("alpha")]
-    alpha_max = sum(alphas) / len(alphas) if alphas else None
+    alpha_max = mean_alpha_max(records)
     note = collapse_note(in_use, len(models), spread, alpha_max) + (f"; {reseeded} model(s) re-seeded" if reseeded else "")
     return {"in_use": in_use, "of": len(models), "spread": spread, "collapsed": spread < COLLAPSE_SPREAD,
             "alpha_max": alpha_max, "reseeded": reseeded, "note": note}
+
+
+def mean_alpha_max(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """Mean over rounds of the largest site importance α_i (FedFew's records; None without α)."""
+    alphas = [max(r["server"]["alpha"]) for r in records if r.get("server", {}).get("alpha")]
+    return sum(alphas) / len(alphas) if alphas else None

@@ -37,7 +37,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import DATASETS, RESULTS, ROOT, Config, aggregate, machine, result_name, run_one  # noqa: E402
+from quality import (  # noqa: E402
+    DATASETS,
+    RESULTS,
+    ROOT,
+    Config,
+    aggregate,
+    algorithm_overrides,
+    machine,
+    result_name,
+    run_one,
+)
 
 from fedfew_med.algorithms.fedfew import PRESETS  # noqa: E402
 
@@ -58,8 +68,7 @@ def in_default(on: dict[str, Any]) -> bool:
 
 
 def _alg(params: dict[str, Any]) -> tuple[str, ...]:
-    body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
-    return ("algorithm.name='fedfew'", f"algorithm.params={{{body}}}")
+    return algorithm_overrides("fedfew", **params)
 
 
 def ablation_rows() -> list[Config]:

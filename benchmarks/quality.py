@@ -241,6 +241,12 @@ class Config:
     overrides: tuple[str, ...]
 
 
+def algorithm_overrides(name: str, **params: Any) -> tuple[str, ...]:
+    """The ``--set``-style overrides that make a run use algorithm ``name`` with exactly ``params``."""
+    body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
+    return (f"algorithm.name='{name}'", f"algorithm.params={{{body}}}")
+
+
 def method_grid(dataset: Dataset, *, ks: Sequence[int] = (3,), quick: bool, lr_ablation: bool = False) -> list[Config]:
     """Every method's configurations under protocol 2 (see the module docstring).
 
@@ -253,16 +259,12 @@ def method_grid(dataset: Dataset, *, ks: Sequence[int] = (3,), quick: bool, lr_a
     m = len(dataset.sites)
     pick: Callable[[Sequence[Any]], Sequence[Any]] = (lambda g: g[:1]) if quick else (lambda g: g)
 
-    def alg(name: str, **params: Any) -> tuple[str, ...]:
-        body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
-        return (f"algorithm.name='{name}'", f"algorithm.params={{{body}}}")
-
     def knob(method: str, name: str, key: str, values: Sequence[Any], **params: Any) -> list[Config]:
-        return [Config(method, f"{key}={v}, lr={lr * s:g}", (*alg(name, **params, **{key: v}), f"training.lr={lr * s}"))
+        return [Config(method, f"{key}={v}, lr={lr * s:g}", (*algorithm_overrides(name, **params, **{key: v}), f"training.lr={lr * s}"))
                 for v in pick(values) for s in pick(KNOB_LR_SCALES)]
 
     def lr_only(method: str, name: str, **params: Any) -> list[Config]:
-        return [Config(method, f"lr={lr * s:g}", (*alg(name, **params), f"training.lr={lr * s}")) for s in pick(LR_SCALES)]
+        return [Config(method, f"lr={lr * s:g}", (*algorithm_overrides(name, **params), f"training.lr={lr * s}")) for s in pick(LR_SCALES)]
 
     out: list[Config] = []
     for k in [k for k in ks if k <= m]:
@@ -278,7 +280,7 @@ def method_grid(dataset: Dataset, *, ks: Sequence[int] = (3,), quick: bool, lr_a
     out += knob("ditto", "ditto", "lam", DITTO)
     out += knob("fedavg_ft", "fedavg_ft", "finetune_epochs", FT_EPOCHS)
     if lr_ablation and 3 <= m:
-        out += [Config(LR_ABLATION, f"lr={lr * s:g}", (*alg("fedfew", preset="reference", k=3, mu=REFERENCE_MU), f"training.lr={lr * s}"))
+        out += [Config(LR_ABLATION, f"lr={lr * s:g}", (*algorithm_overrides("fedfew", preset="reference", k=3, mu=REFERENCE_MU), f"training.lr={lr * s}"))
                 for s in pick(OLD_LR_SCALES)]
     return out
 

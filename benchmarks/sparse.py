@@ -18,7 +18,6 @@ its runs of the same configuration.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,7 +29,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import DATASETS, RESULTS, ROOT, Config, aggregate, machine, result_name, run_one, write_results  # noqa: E402
+from quality import (  # noqa: E402
+    DATASETS,
+    RESULTS,
+    ROOT,
+    Config,
+    aggregate,
+    algorithm_overrides,
+    machine,
+    result_name,
+    run_one,
+    write_results,
+)
 
 from fedfew_med.metrics import PRIMARY  # noqa: E402
 
@@ -39,9 +49,8 @@ K, MU = 3, 0.01
 
 def configs() -> list[Config]:
     def fedfew(label: str, **extra: Any) -> Config:
-        params = {"preset": "reference", "k": K, "mu": MU, **extra}  # the committed curves are the reference step's
-        body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
-        return Config(label, "", ("algorithm.name='fedfew'", f"algorithm.params={{{body}}}"))
+        # the committed curves are the reference step's
+        return Config(label, "", algorithm_overrides("fedfew", preset="reference", k=K, mu=MU, **extra))
 
     return [
         fedfew("fedfew full"),

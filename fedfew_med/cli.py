@@ -2,6 +2,11 @@
 
 The CLI decides verbosity and shows progress bars; the library only logs.
 Exit codes: 0 success, 1 run failure, 2 bad usage or configuration.
+
+Start-up is instant: this module imports only the standard library, the config layer and the
+Flower command wiring (both stdlib-light); torch, MONAI, Opacus and Flower load inside the
+subcommand that needs them, so ``--help`` of every command answers without them (a test checks
+that ``build_parser()`` leaves torch unimported).
 """
 
 from __future__ import annotations
@@ -13,17 +18,22 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm import tqdm
-
-from fedfew_med import checkpoint
 from fedfew_med.config import ConfigError, load_federation
 from fedfew_med.flower import commands as flower_commands  # stdlib-light: flwr loads only in the apps
-from fedfew_med.simulation import Callbacks, RunDirError, SimulationResult, run
+
+if TYPE_CHECKING:
+    from fedfew_med.simulation import Callbacks, SimulationResult
 
 log = logging.getLogger("fedfew_med")
+
+
+def run(*args: Any, **kwargs: Any) -> SimulationResult:
+    """:func:`fedfew_med.simulation.run`, imported on first use (torch and MONAI load here, not at start-up)."""
+    from fedfew_med.simulation import run as simulate
+
+    return simulate(*args, **kwargs)
 
 
 def _fmt(x: float | None) -> str:
@@ -58,6 +68,10 @@ def format_table(result: SimulationResult) -> str:
 
 
 def _progress_callbacks(total_rounds: int, num_sites: int, disable: bool) -> tuple[Callbacks, list[Any]]:
+    from tqdm import tqdm
+
+    from fedfew_med.simulation import Callbacks
+
     bars: list[Any] = []
     rounds = tqdm(total=total_rounds, desc="rounds", unit="round", position=0, disable=disable)
     sites = tqdm(total=num_sites, desc="sites", unit="site", position=1, leave=False, disable=disable)
@@ -80,6 +94,10 @@ def _progress_callbacks(total_rounds: int, num_sites: int, disable: bool) -> tup
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedfew_med import checkpoint
+
     config = load_federation(args.config, args.set)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -255,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input (exit 2): those of the modules a command has loaded.
+
+    Looked up in ``sys.modules`` so that catching them imports nothing: an error class whose module
+    was never imported cannot have been raised.
+    """
+    found: list[type[Exception]] = [ConfigError]
+    for module, name in (("fedfew_med.simulation", "RunDirError"), ("fedfew_med.checkpoint", "CheckpointError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedfew-med`` console script."""
     parser = build_parser()
@@ -263,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ConfigError, RunDirError, checkpoint.CheckpointError) as exc:
+    except _usage_errors() as exc:
         print(f"fedfew-med: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

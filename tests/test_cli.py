@@ -69,6 +69,34 @@ def test_console_script_entry_point():
     assert proc.returncode == 0 and "usage: fedfew-med" in proc.stdout
 
 
+HEAVY = ("torch", "monai", "flwr", "opacus", "numpy", "matplotlib")
+
+HELP_PROBE = """
+import argparse, contextlib, io, sys
+from fedfew_med.cli import build_parser, main
+def walk(p, prefix):
+    yield prefix
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield from walk(sp, prefix + [name])
+commands = list(walk(build_parser(), []))
+for command in commands:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main([*command, "--help"])
+print(len(commands), " ".join(sorted(m for m in sys.argv[1:] if m in sys.modules)))
+"""
+
+
+def test_help_of_every_command_loads_no_heavy_library():
+    """`--help` of the CLI and of every (nested) subcommand imports none of torch, MONAI, Flower, Opacus, numpy:
+    that is what makes it answer within a second of a bare interpreter (issue 17; the import rule, not a timing)."""
+    proc = subprocess.run([sys.executable, "-c", HELP_PROBE, *HEAVY], capture_output=True, text=True, check=True)
+    count, *loaded = proc.stdout.split()
+    assert int(count) >= 13  # the root, simulate, privacy-report, validate-site, datasets (prepare), flower (6 steps)
+    assert loaded == [], f"--help imported {loaded}"
+
+
 def _toml(data: dict) -> str:
     lines: list[str] = []
 

@@ -17,7 +17,7 @@ Data sets (``--dataset``), all prepared on first use under ``--data-dir`` (defau
 * ``demo``: the synthetic classification demo (``site_configs/demo_federation.toml``, 6 sites, 15 rounds).
 * ``fmnist-dir0.1``, ``fmnist-path2``: Fashion-MNIST (Debian package ``dataset-fashion-mnist``) merged and
   split over 20 sites, Dirichlet α = 0.1 or 2 classes per site, 75/25 per site, the two-convolution CNN of
-  the pFL literature (``smallcnn``), 20 rounds, 1 local epoch, Protocol 2 (one for every method; ``"protocol": 2`` in the results): the data, network, optimiser,
+  the pFL literature (``pflcnn``, 582,026 parameters), 20 rounds, 1 local epoch, Protocol 2 (one for every method; ``"protocol": 2`` in the results): the data, network, optimiser,
 rounds, local epochs and run seeds are the same; only ``[algorithm]`` and the client learning rate change.
 Each site is scored with the model it would deploy (FedFew / IFCA: lowest training loss of the K models;
 ``fedfew_ft`` and FedAvg + FT: that model after local fine-tuning; Ditto / Local: the personal model), on
@@ -206,7 +206,7 @@ def _fmnist(scheme: str) -> Callable[[Path, bool, argparse.Namespace], Dataset]:
             "run": {"name": f"fmnist-{scheme}", "seed": 0, "rounds": 2 if quick else 20},
             "algorithm": {"name": "fedfew", "params": {"k": 3, "mu": 0.01}},
             "training": {"local_epochs": 1, "lr": 0.01, "batch_size": 32},
-            "model": {"name": "smallcnn", "params": {"hidden": 512}},
+            "model": {"name": "pflcnn", "params": {"hidden": 512}},
             "data": {"name": "synthetic", "params": {}},  # placeholder: the sites are passed in memory
         }
         label = "Dirichlet alpha 0.1" if scheme == "dir0.1" else "pathological, 2 classes per site"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedfew_med.algorithms import Prox
-from fedfew_med.config import TrainingConfig
+from fedfew_med.config import ConfigError, TrainingConfig
 from fedfew_med.data import SyntheticOptions, make_synthetic_federation
 from fedfew_med.models import buffers_of, build_model, parameters_of
 from fedfew_med.training import SiteState, SiteWork, derive_seed
@@ -71,3 +71,24 @@ def test_eval_loss_matches_manual_cross_entropy():
     with torch.no_grad():
         expected = float(torch.nn.functional.cross_entropy(net(x), y))
     assert work.loss(params, slot="server/0") == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # hand count, 28 × 28 × 1 inputs, 10 classes, fc 512:
+        # conv1 32·1·25 + 32, conv2 64·32·25 + 64, fc1 64·s·s·512 + 512, fc2 512·10 + 10 with s = 4 (no padding) or 7 (padded)
+        ("pflcnn", 832 + 51264 + (64 * 4 * 4 * 512 + 512) + 5130),  # 582,026: the pFL papers' CNN
+        ("smallcnn", 832 + 51264 + (64 * 7 * 7 * 512 + 512) + 5130),  # 1,663,370: McMahan et al. 2017's
+    ],
+)
+def test_named_cnn_parameter_counts(name, expected):
+    net = build_model(name, {}, task="classification", in_channels=1, num_classes=10, spatial_dims=2, image_size=28, seed=0)
+    assert sum(p.numel() for p in net.parameters()) == expected
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert {"pflcnn": 582_026, "smallcnn": 1_663_370}[name] == expected
+
+
+def test_pflcnn_refuses_an_input_too_small_for_its_unpadded_convolutions():
+    with pytest.raises(ConfigError, match="too small"):
+        build_model("pflcnn", {}, task="classification", in_channels=1, num_classes=2, spatial_dims=2, image_size=12, seed=0)

@@ -25,6 +25,7 @@ name           change by make_dp_ready             per-sample gradients         
 classifier     none (InstanceNorm w/o stats,        Conv2d, Linear hooks;        hooks
                PReLU)                               PReLU via functorch
 smallcnn       none                                 Conv2d, Linear hooks         ghost
+pflcnn         none                                 Conv2d, Linear hooks         ghost
 densenet121    121 BatchNorm2d → GroupNorm;         Conv2d, GroupNorm, Linear    hooks
                ReLU in-place off                    hooks
 resnet18       20 BatchNorm2d → GroupNorm;          Conv2d, GroupNorm, Linear    hooks

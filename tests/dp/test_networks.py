@@ -22,6 +22,7 @@ from fedfew_med.models import TASKS, build_model, model_names
 SHAPES = {
     "classifier": (1, 2, 16, "hooks"),
     "smallcnn": (1, 2, 16, "ghost"),
+    "pflcnn": (1, 2, 28, "ghost"),
     "densenet121": (1, 2, 32, "hooks"),
     "resnet18": (1, 2, 32, "hooks"),
     "unet": (1, 2, 16, "hooks"),

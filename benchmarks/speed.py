@@ -9,7 +9,12 @@ Every figure is a ratio or a measurement taken within one run of this script:
   the server folds replies in as they arrive, so its memory grows with K, not M;
 - data loading: share of a round spent waiting on data (target < 10%);
 - DP overhead: time per local epoch with Opacus (hooks and ghost clipping) divided by
-  the same epoch without DP (when the DP module is present).
+  the same epoch without DP (when the DP module is present);
+- FedFew K = 3 round / FedAvg round on the same federation (FedFew trains K copies per site
+  and scores them: the price of K models);
+- ``--workers 2``: a simulated round with the sites split over 2 processes (1 thread each)
+  against 1 process at 2 threads, same numbers to the bit (``tests/test_site_pool.py``);
+- CLI start-up: ``fedfew-med --help`` (and ``simulate --help``) against ``python -c pass``.
 
 Usage::
 
@@ -231,6 +236,64 @@ def dp_overhead(epochs: int) -> dict[str, Any] | None:
     return dict(benchmark_epoch_times(DEMO, epochs=epochs))
 
 
+def _median_round(cfg: Any, rounds: int, workers: int = 1) -> float:
+    """Median wall time of ``rounds`` simulator rounds (after a warm-up round), sites on ``workers`` processes."""
+    fed = Federation(cfg, build_sites(cfg.data, source=cfg.source))
+    fed.start_workers(workers)
+    try:
+        times = []
+        for r in range(rounds + 1):
+            t = time.perf_counter()
+            info = fed.round_info(r, fed.participants(r))
+            step = fed.server.begin_aggregation(info)
+            for site, outcome in fed.site_steps(info.participants, info):
+                assert not isinstance(outcome, Exception), outcome
+                step.add(site, outcome[0])
+            fed.server.finish(step)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+    finally:
+        fed.close()
+
+
+def k_models_cost(rounds: int) -> dict[str, Any]:
+    """FedFew K = 3 round / FedAvg round on the demo federation, rounds interleaved per algorithm."""
+    fedfew = load_federation(DEMO, ["algorithm.name='fedfew'", "algorithm.params={k=3}"])
+    fedavg = load_federation(DEMO, ["algorithm.name='fedavg'", "algorithm.params={}"])
+    a, b = _median_round(fedfew, rounds), _median_round(fedavg, rounds)
+    return {"fedfew_round_s": a, "fedavg_round_s": b, "ratio": a / b, "rounds": rounds, "federation": "demo (6 sites)"}
+
+
+def workers_speedup(rounds: int) -> dict[str, Any]:
+    """1 process at 2 threads / 2 worker processes at 1 thread each: the same FedFew K = 3 demo rounds."""
+    cfg = load_federation(DEMO)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one = _median_round(cfg, rounds, workers=1)
+        two = _median_round(cfg, rounds, workers=2)
+    finally:
+        torch.set_num_threads(saved)
+    return {"one_process_2_threads_s": one, "two_workers_1_thread_s": two, "speedup": one / two, "rounds": rounds,
+            "federation": "demo (6 sites, FedFew K=3)"}
+
+
+def cli_startup(repeats: int) -> dict[str, Any]:
+    """Median wall time of ``fedfew-med --help`` / ``simulate --help`` and of ``python -c pass`` (fresh processes)."""
+    def median_of(cmd: list[str]) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run(cmd, capture_output=True, check=True)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    bare = median_of([sys.executable, "-c", "pass"])
+    top = median_of([sys.executable, "-m", "fedfew_med.cli", "--help"])
+    sim = median_of([sys.executable, "-m", "fedfew_med.cli", "simulate", "--help"])
+    return {"python_pass_s": bare, "help_s": top, "simulate_help_s": sim, "extra_s": max(top, sim) - bare, "repeats": repeats}
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     o, d = res["overhead"], res["data_loading"]
     lines = [
@@ -256,6 +319,19 @@ def to_markdown(res: dict[str, Any]) -> str:
             lines.append(f"| DP overhead, {mode} (median epoch time / non-DP) | {ratio:.2f}{extra} | |")
     else:
         lines.append("| DP overhead | not measured (fedfew_med.dp.benchmark_epoch_times unavailable) | |")
+    if res.get("k_models"):
+        k = res["k_models"]
+        lines.append(f"| FedFew K = 3 round / FedAvg round ({k['federation']}, medians of {k['rounds']} rounds) | {k['ratio']:.2f} "
+                     f"({k['fedfew_round_s']:.3f} s / {k['fedavg_round_s']:.3f} s) | <= 1.8 (issue 17, with a one-pass option) |")
+    if res.get("workers"):
+        w = res["workers"]
+        lines.append(f"| `--workers 2` speed-up ({w['federation']}; 1 process at 2 threads / 2 processes at 1 thread, "
+                     f"medians of {w['rounds']} rounds) | {w['speedup']:.2f}x ({w['one_process_2_threads_s']:.3f} s / "
+                     f"{w['two_workers_1_thread_s']:.3f} s) | |")
+    if res.get("cli"):
+        c = res["cli"]
+        lines.append(f"| CLI start-up (`--help`, `simulate --help`) beyond `python -c pass`, medians of {c['repeats']} | "
+                     f"+{c['extra_s']:.2f} s ({c['help_s']:.2f} s, {c['simulate_help_s']:.2f} s against {c['python_pass_s']:.2f} s) | < 1 s |")
     model_kb = res["scaling"][0]["model_kb"] if res["scaling"] else 0.0
     lines += ["", f"Scaling (K = 3, smallcnn of {model_kb / 1024:.1f} MB, 8 records per site, one round, replies folded in as they "
               "arrive; peak RSS of the whole process, sites included, and its growth during the round: 0 means the "
@@ -293,6 +369,9 @@ def main() -> None:
     res["data_loading"] = data_loading(data_config, rounds=2 if quick else 3)
     res["scaling"] = scaling(args.sizes or ([10, 100] if quick else [10, 100, 1000]), k=3)
     res["dp"] = dp_overhead(epochs=1 if quick else 3)
+    res["k_models"] = k_models_cost(rounds=1 if quick else 5)
+    res["workers"] = workers_speedup(rounds=1 if quick else 5)
+    res["cli"] = cli_startup(repeats=3 if quick else 10)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "speed_quick" if quick else "speed"

@@ -116,7 +116,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         result = run(
             config, run_dir=run_dir, sites=sites, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
-            callbacks=callbacks,
+            callbacks=callbacks, workers=args.workers,
         )
     finally:
         for bar in bars:
@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse to start (before any training) when a site's privacy options break this policy, "
                      "e.g. privacy/policy.toml; the policy is copied into the run directory")
     sim.add_argument("--stop-after", type=int, metavar="N", help="stop after N rounds (resume later with --resume)")
+    sim.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="compute the sites in N processes, torch threads split between them (same result to the bit "
+                     "as 1 worker at the same threads per process; not with DP sites or [faults].site_timeout_s)")
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sim.add_argument("--progress", action="store_true", help="show progress bars even when stderr is not a terminal")
     sim.set_defaults(func=cmd_simulate)

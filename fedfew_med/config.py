@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -151,6 +152,8 @@ MAX_LR = 10.0  # plain SGD diverges far below this
 MAX_WEIGHT_DECAY = 1.0
 MAX_SEED = 2**32 - 1
 MAX_THREADS = 1024
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+PRECISIONS = ("32", "bf16", "16-mixed")
 
 
 @dataclass(frozen=True)
@@ -186,15 +189,28 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Local training at every site (plain SGD, as the reference code)."""
+    """Local training at every site (plain SGD, as the reference code).
+
+    ``device`` says where a site computes: ``"auto"`` (CUDA when torch sees a GPU, else the CPU),
+    ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; each site resolves it on its own machine. ``precision``
+    is ``"32"`` (float32, the default), ``"bf16"`` (torch.amp autocast to bfloat16) or
+    ``"16-mixed"`` (autocast to float16 with a gradient scaler). Whatever the device, everything a
+    site returns and every checkpoint holds CPU float32 tensors, so a run moves between devices;
+    ``device`` is therefore not part of the config digest that guards resuming (``precision`` is).
+    """
 
     local_epochs: int = 1
     lr: float = 0.005
     batch_size: int = 32
     momentum: float = 0.0
     weight_decay: float = 0.0
+    device: str = "auto"
+    precision: str = "32"
 
     def __post_init__(self) -> None:
+        require(isinstance(self.device, str) and re.fullmatch(DEVICE_PATTERN, self.device) is not None, "device",
+                'be "auto", "cpu", "cuda" or "cuda:N" (N a GPU index)', self.device)
+        require(self.precision in PRECISIONS, "precision", f"be one of {', '.join(repr(p) for p in PRECISIONS)}", self.precision)
         require(self.local_epochs >= 1, "local_epochs", "be an integer >= 1", self.local_epochs)
         require(self.local_epochs <= MAX_EPOCHS, "local_epochs", f"be at most {MAX_EPOCHS}", self.local_epochs)
         require(self.lr > 0, "lr", "be > 0", self.lr)
@@ -289,9 +305,23 @@ class FederationConfig:
             out.pop("faults")
         return out
 
+    def identity(self) -> dict[str, Any]:
+        """What the run's results depend on: :meth:`to_dict` without ``training.device``.
+
+        The device is where a run computes, not what it computes (a run started on a GPU may
+        resume on a CPU); ``training.precision`` stays, except at its default ``"32"``, so that
+        configs written before these options existed keep their digest and their cached runs.
+        """
+        out = self.to_dict()
+        training = out["training"]
+        training.pop("device", None)
+        if training.get("precision") == "32":
+            training.pop("precision")
+        return out
+
     def digest(self) -> str:
-        """SHA-256 of the resolved config, used to refuse resuming a different run."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """SHA-256 of :meth:`identity`, used to refuse resuming a different run."""
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -118,7 +118,11 @@ def summarize_run(
     evaluation: Mapping[str, Mapping[str, Any]],
     models: Sequence[Params] | None = None,
 ) -> dict[str, Any]:
-    """The final summary: per-site deployed metrics, mean / worst / Jain, model use, traffic.
+    """The final summary: per-site deployed metrics, mean / worst / Jain, model use, traffic, compute.
+
+    ``compute`` records ``[training].precision`` and the device each site computed on, as the
+    site resolved ``[training].device`` (its evaluation entry's ``device``): one name when all
+    agree, else ``site: device`` pairs.
 
     ``sites`` maps every site to ``{"n_train": int, "protocol": str | None}``. With the final
     server ``models`` (K ≥ 2), ``model_use`` says how many distinct models the sites deploy,
@@ -152,12 +156,22 @@ def summarize_run(
         "bytes_total": traffic,
         "failures": {str(r["round"]): r["failures"] for r in records if r["failures"]},
         "config_digest": config.digest(),
+        "compute": {"device": _devices(evaluation), "precision": config.training.precision},
     }
     if models is not None and num_models >= 2:
         out["model_use"] = model_use(models, evaluation, records)
     if any("metrics_finetuned" in e for e in evaluation.values()):
         out["summary_finetuned"] = summarize({s: e["metrics_finetuned"][primary] for s, e in evaluation.items()})
     return out
+
+
+def _devices(evaluation: Mapping[str, Mapping[str, Any]]) -> str:
+    """``"cpu"`` when every site computed there; ``"site0: cuda:0, site1: cpu"`` when they differ."""
+    found = {s: str(e.get("device", "unknown")) for s, e in sorted(evaluation.items())}
+    kinds = set(found.values())
+    if len(kinds) <= 1:
+        return next(iter(kinds), "unknown")
+    return ", ".join(f"{s}: {d}" for s, d in found.items())
 
 
 def model_use(models: Sequence[Params], evaluation: Mapping[str, Mapping[str, Any]],

@@ -313,7 +313,7 @@ class SiteRuntime:
         """The deployed model's test metrics (and after fine-tuning, if configured); state is untouched."""
         work = self.work(round_idx, self.state.copy(), factory=self.eval_work_factory)
         dep = self.algorithm.deploy(self.name, models, work)
-        entry: dict[str, Any] = {"model": dep.model_index, "scores": list(dep.scores)}
+        entry: dict[str, Any] = {"model": dep.model_index, "scores": list(dep.scores), "device": str(work.device)}
         entry["metrics"] = score(work, dep.params, dep.slot)
         ft_epochs = self.config.run.finetune_eval_epochs
         if ft_epochs:

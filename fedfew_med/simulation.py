@@ -39,16 +39,19 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedfew_med import checkpoint, rundir
 from fedfew_med.algorithms import Params, RoundInfo, SiteReply
 from fedfew_med.algorithms.base import ServerStep
-from fedfew_med.config import FederationConfig
+from fedfew_med.config import ConfigError, FederationConfig
 from fedfew_med.data import SiteData, build_sites
+from fedfew_med.devices import resolve_device
 from fedfew_med.dp import federation as dp_federation
 from fedfew_med.dp.chain import open_chain
 from fedfew_med.dp.ledger import LedgerStateError
@@ -66,6 +69,7 @@ from fedfew_med.runtime import (
     reply_nbytes,
     validate_reply,
 )
+from fedfew_med.site_pool import SitePool, check_workers
 from fedfew_med.training import SiteState, SiteWork
 
 log = logging.getLogger(__name__)
@@ -156,6 +160,19 @@ class Federation:
         for name, site_privacy in self.privacy.items():
             self.sites[name].work_factory = site_privacy.work_factory  # DP by composition: the site's round trains privately
         self._pending: dict[str, _SiteCall] = {}  # site rounds that timed out and may still be running
+        self.pool: SitePool | None = None  # set by start_workers: sites computed in worker processes
+
+    def start_workers(self, workers: int) -> None:
+        """Compute the sites' rounds and evaluations in ``workers`` forked processes (same numbers; see :mod:`fedfew_med.site_pool`)."""
+        check_workers(self.config, workers, private_sites=sorted(self.privacy))
+        if workers > 1:
+            self.pool = SitePool(self.sites, workers, threads=self.config.run.threads or torch.get_num_threads())
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     @property
     def server_dp(self) -> ServerDP | None:
@@ -230,10 +247,47 @@ class Federation:
         sent = self.server.models_for(site, info)
         timeout = self.config.faults.site_timeout_s
         reply, state = self._bounded(site, info, sent, timeout) if timeout > 0 else runtime.compute(info, sent)
+        return self._accept(site, sent, reply, state)
+
+    def _accept(self, site: str, sent: Mapping[int, Params], reply: SiteReply, state: SiteState) -> tuple[SiteReply, dict[str, int]]:
+        """Validate ``site``'s reply against the server's models, commit its state, count the traffic."""
         reference = {k: self.server.models[k] for k in sent}  # the server's copies: the site may have changed its own
         validate_reply(reply, reference, self.server.algorithm.num_models, max_update_norm=self.config.faults.max_update_norm)
-        runtime.commit(state)
+        self.sites[site].commit(state)
         return reply, {"sent": sum(params_nbytes(p) for p in sent.values()), "received": reply_nbytes(reply)}
+
+    def site_steps(self, sites: Sequence[str], info: RoundInfo) -> Iterator[tuple[str, tuple[SiteReply, dict[str, int]] | Exception]]:
+        """:meth:`site_step` of every site in ``sites``, in that order: ``(site, (reply, traffic) or the exception)``.
+
+        With workers (:meth:`start_workers`) up to N sites compute at once, and their results are
+        still validated, committed and handed on in the order of ``sites``.
+        """
+        if self.pool is None:
+            for site in sites:
+                try:
+                    outcome: tuple[SiteReply, dict[str, int]] | Exception = self.site_step(site, info)
+                except Exception as exc:  # the round loop records it and goes on without the site
+                    outcome = exc
+                yield site, outcome
+            return
+        sent: dict[str, dict[int, Params]] = {}
+
+        def jobs() -> Iterator[tuple[str, RoundInfo, Mapping[int, Params], SiteState]]:
+            for site in sites:
+                sent[site] = self.server.models_for(site, info)
+                yield site, info, sent[site], self.sites[site].state
+
+        for site, result in self.pool.train(jobs()):
+            models = sent.pop(site)
+            accepted: tuple[SiteReply, dict[str, int]] | Exception
+            if isinstance(result, Exception):
+                accepted = result
+            else:
+                try:
+                    accepted = self._accept(site, models, *result)
+                except Exception as exc:  # a malformed reply: the site's failure, as in site_step
+                    accepted = exc
+            yield site, accepted
 
     def _bounded(self, site: str, info: RoundInfo, sent: Mapping[int, Params], timeout: float) -> tuple[SiteReply, SiteState]:
         """``site``'s round in a worker thread, waited for at most ``timeout`` seconds.
@@ -271,13 +325,24 @@ class Federation:
         """
         evaluation: dict[str, dict[str, Any]] = {}
         failures: dict[str, str] = {}
-        for name in sorted(self.sites):
-            try:
-                evaluation[name] = self.sites[name].evaluate(self.server.models, round_idx)
-            except Exception as exc:  # a site that cannot evaluate must not crash the federation
-                failures[name] = f"{type(exc).__name__}: {exc}"
+        if self.pool is not None:
+            jobs = ((name, self.server.models, round_idx, self.sites[name].state) for name in sorted(self.sites))
+            outcomes: Iterator[tuple[str, dict[str, Any] | Exception]] = self.pool.evaluate(jobs)
+        else:
+            outcomes = ((name, self._evaluate_site(name, round_idx)) for name in sorted(self.sites))
+        for name, outcome in outcomes:
+            if isinstance(outcome, Exception):  # a site that cannot evaluate must not crash the federation
+                failures[name] = f"{type(outcome).__name__}: {outcome}"
                 log.warning("round %d: site %s not evaluated: %s", round_idx, name, failures[name])
+            else:
+                evaluation[name] = outcome
         return evaluation, failures
+
+    def _evaluate_site(self, name: str, round_idx: int) -> dict[str, Any] | Exception:
+        try:
+            return self.sites[name].evaluate(self.server.models, round_idx)
+        except Exception as exc:
+            return exc
 
 
 def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -307,6 +372,7 @@ def run(
     overwrite: bool = False,
     stop_after: int | None = None,
     callbacks: Callbacks | None = None,
+    workers: int = 1,
 ) -> SimulationResult:
     """Run (or resume) a federation and return its result.
 
@@ -329,10 +395,17 @@ def run(
         Stop after this many rounds in this call (for tests and scheduled runs); the run can be resumed.
     callbacks
         Progress hooks.
+    workers
+        Processes computing the sites (:mod:`fedfew_med.site_pool`); the result is the same to the
+        bit as with 1 at the same torch threads per process.
     """
+    try:  # a GPU that is not there is the config's error, not every site's in every round
+        resolve_device(config.training.device)
+    except ValueError as exc:
+        raise ConfigError(f"{config.source}: {exc}") from None
     with rundir.locked(Path(run_dir)):
         return _run(config, run_dir=Path(run_dir), sites=sites, resume=resume, overwrite=overwrite,
-                    stop_after=stop_after, callbacks=callbacks)
+                    stop_after=stop_after, callbacks=callbacks, workers=workers)
 
 
 def _run(
@@ -344,10 +417,12 @@ def _run(
     overwrite: bool,
     stop_after: int | None,
     callbacks: Callbacks | None,
+    workers: int,
 ) -> SimulationResult:
     """:func:`run` under the run directory's lock."""
     cb = callbacks or Callbacks()
     fed = Federation(config, sites if sites is not None else build_sites(config.data, source=config.source))
+    check_workers(config, workers, private_sites=sorted(fed.privacy))  # before the run directory is touched
     chain = None  # privacy_ledger.jsonl (fedfew_med.dp.chain): checked before open_run_dir changes anything
     if fed.privacy or fed.server_dp is not None:
         try:
@@ -377,69 +452,72 @@ def _run(
     end = config.run.rounds if stop_after is None else min(config.run.rounds, start + stop_after)
     records: list[dict[str, Any]] = []
     evaluation: dict[str, dict[str, Any]] = {}
-    for r in range(start, end):
-        t0 = time.perf_counter()
-        participants = fed.participants(r)
-        trainers, privacy_stopped = fed.trainers(r, participants)  # a site out of privacy budget does not train
-        info = fed.round_info(r, trainers or participants)
-        if cb.on_round_start:
-            cb.on_round_start(r, participants)
-        aggregation = fed.server.begin_aggregation(info)  # replies are folded in as they arrive
-        site_losses: dict[str, list[float]] = {}
-        site_info: dict[str, dict[str, Any]] = {}
-        traffic: dict[str, dict[str, int]] = {}
-        failures: dict[str, str] = {}
-        for site in trainers:
-            try:
-                reply, traffic[site] = fed.site_step(site, info)
-            except Exception as exc:  # a crashed site must not crash the federation
-                failures[site] = f"{type(exc).__name__}: {exc}"
-                log.warning("round %d: site %s skipped: %s", r, site, failures[site])
-            else:
-                aggregation.add(site, reply)
-                site_losses[site], site_info[site] = list(reply.losses), dict(reply.info)
-            if cb.on_site_done:
-                cb.on_site_done(r, site)
-        step = fed.server.finish(aggregation) if trainers else _no_update(fed)
-        last = r == config.run.rounds - 1
-        eval_failures: dict[str, str] = {}
-        if last or r % config.run.eval_every == 0 or r == end - 1:
-            evaluation, eval_failures = fed.evaluate(r)
-        record = {
-            "round": r,
-            "participants": participants,
-            "failures": failures,
-            "server": step.log,
-            "site_losses": site_losses,
-            "site_info": site_info,
-            "assignments": {s: e["model"] for s, e in evaluation.items()},
-            "metrics": {s: e["metrics"] for s, e in evaluation.items()},
-            "summary": summarize({s: e["metrics"][PRIMARY[fed.task]] for s, e in evaluation.items()}),
-            "bytes": traffic,
-            "seconds": round(time.perf_counter() - t0, 4),
-        }
-        if eval_failures:  # as the Flower coordinator's records
-            record["evaluation_failures"] = eval_failures
-        if fed.privacy:
-            record["privacy"] = fed.privacy_records(r)
-            record["privacy_stopped"] = privacy_stopped
-        server_privacy = fed.server_privacy_record()
-        if server_privacy is not None:
-            record["server_privacy"] = server_privacy
-        if chain is not None:  # the round's spending is on disk before its record and checkpoint
-            try:
-                chain.append(r, fed.privacy_state())
-            except LedgerStateError as exc:
-                raise RunDirError(str(exc)) from None
-        checkpoint.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint: a completed round always has its record
-        site_states = {name: rt.state for name, rt in fed.sites.items()}
-        run_state: dict[str, Any] = {"config_digest": config.digest(), "algorithm": fed.server.algorithm.server_state()}
-        if fed.privacy or fed.server_dp is not None:
-            run_state["privacy"] = fed.privacy_state()  # every site's ledger, with every checkpoint
-        checkpoint.save(run_dir, r, server_models=fed.models, sites=site_states, state=run_state)
-        records.append(record)
-        if cb.on_round_end:
-            cb.on_round_end(record)
+    fed.start_workers(workers)
+    try:
+        for r in range(start, end):
+            t0 = time.perf_counter()
+            participants = fed.participants(r)
+            trainers, privacy_stopped = fed.trainers(r, participants)  # a site out of privacy budget does not train
+            info = fed.round_info(r, trainers or participants)
+            if cb.on_round_start:
+                cb.on_round_start(r, participants)
+            aggregation = fed.server.begin_aggregation(info)  # replies are folded in as they arrive
+            site_losses: dict[str, list[float]] = {}
+            site_info: dict[str, dict[str, Any]] = {}
+            traffic: dict[str, dict[str, int]] = {}
+            failures: dict[str, str] = {}
+            for site, outcome in fed.site_steps(trainers, info):
+                if isinstance(outcome, Exception):  # a crashed site must not crash the federation
+                    failures[site] = f"{type(outcome).__name__}: {outcome}"
+                    log.warning("round %d: site %s skipped: %s", r, site, failures[site])
+                else:
+                    reply, traffic[site] = outcome
+                    aggregation.add(site, reply)
+                    site_losses[site], site_info[site] = list(reply.losses), dict(reply.info)
+                if cb.on_site_done:
+                    cb.on_site_done(r, site)
+            step = fed.server.finish(aggregation) if trainers else _no_update(fed)
+            last = r == config.run.rounds - 1
+            eval_failures: dict[str, str] = {}
+            if last or r % config.run.eval_every == 0 or r == end - 1:
+                evaluation, eval_failures = fed.evaluate(r)
+            record = {
+                "round": r,
+                "participants": participants,
+                "failures": failures,
+                "server": step.log,
+                "site_losses": site_losses,
+                "site_info": site_info,
+                "assignments": {s: e["model"] for s, e in evaluation.items()},
+                "metrics": {s: e["metrics"] for s, e in evaluation.items()},
+                "summary": summarize({s: e["metrics"][PRIMARY[fed.task]] for s, e in evaluation.items()}),
+                "bytes": traffic,
+                "seconds": round(time.perf_counter() - t0, 4),
+            }
+            if eval_failures:  # as the Flower coordinator's records
+                record["evaluation_failures"] = eval_failures
+            if fed.privacy:
+                record["privacy"] = fed.privacy_records(r)
+                record["privacy_stopped"] = privacy_stopped
+            server_privacy = fed.server_privacy_record()
+            if server_privacy is not None:
+                record["server_privacy"] = server_privacy
+            if chain is not None:  # the round's spending is on disk before its record and checkpoint
+                try:
+                    chain.append(r, fed.privacy_state())
+                except LedgerStateError as exc:
+                    raise RunDirError(str(exc)) from None
+            checkpoint.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint: a completed round always has its record
+            site_states = {name: rt.state for name, rt in fed.sites.items()}
+            run_state: dict[str, Any] = {"config_digest": config.digest(), "algorithm": fed.server.algorithm.server_state()}
+            if fed.privacy or fed.server_dp is not None:
+                run_state["privacy"] = fed.privacy_state()  # every site's ledger, with every checkpoint
+            checkpoint.save(run_dir, r, server_models=fed.models, sites=site_states, state=run_state)
+            records.append(record)
+            if cb.on_round_end:
+                cb.on_round_end(record)
+    finally:
+        fed.close()
     latest = checkpoint.latest_round(run_dir)
     completed = 0 if latest is None else latest + 1
     if not evaluation:

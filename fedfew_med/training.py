@@ -5,6 +5,11 @@ and one round. Determinism without global state: the data order of every
 training call is drawn from a ``torch.Generator`` seeded from (run seed, round,
 site, slot), so a resumed run replays exactly what an uninterrupted one does.
 Site-local buffers (norm statistics) are kept per slot in :class:`SiteState`.
+
+Compute runs on ``[training].device`` at ``[training].precision``
+(:mod:`fedfew_med.devices`): the scratch network and each batch move there, and what a call
+returns (parameters, buffers, probabilities) comes back as CPU float32 tensors, so a site's
+state, its replies and every checkpoint are device-free.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 from fedfew_med.algorithms.base import Params, Prox, TrainResult
 from fedfew_med.config import TrainingConfig
 from fedfew_med.data.base import SiteData, Split
+from fedfew_med.devices import autocast, grad_scaler, resolve_device, to_cpu
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -100,6 +106,9 @@ class SiteWork:
         self.seed = seed
         self.round_idx = round_idx
         self.loss_fn = task_loss(data.task)
+        self.device = resolve_device(training.device)
+        self.precision = training.precision
+        self.network.to(self.device)  # in place; a no-op when it is there already (the CPU, always, by default)
         self.samples_seen = 0
         self.steps_taken = 0
 
@@ -138,33 +147,40 @@ class SiteWork:
         net = self.network
         net.train()
         opt = torch.optim.SGD(net.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        scaler = grad_scaler(self.device, self.precision)
         loader = self.data.loader("train", batch_size=t.batch_size, generator=self.generator(slot))
-        centre = {n: v.detach() for n, v in prox.center.items()} if prox is not None else None
+        centre = {n: v.detach().to(self.device) for n, v in prox.center.items()} if prox is not None else None
         named = dict(net.named_parameters())
         steps = samples = 0
         epoch_loss = 0.0
         for _ in range(epochs):
             total, count = 0.0, 0
             for batch in loader:
-                x, y = batch["image"], batch["label"]
+                x, y = batch["image"].to(self.device), batch["label"].to(self.device)
                 opt.zero_grad(set_to_none=True)
-                loss = self.loss_fn(net(x), y)
+                with autocast(self.device, self.precision):
+                    loss = self.loss_fn(net(x), y)
                 objective = loss
                 if centre is not None and prox is not None:
-                    # FedProx/Ditto proximal term strength/2 · ||θ − centre||²
+                    # FedProx/Ditto proximal term strength/2 · ||θ − centre||² (float32, outside autocast)
                     sq = sum(((named[n] - c) ** 2).sum() for n, c in centre.items())
                     objective = loss + 0.5 * prox.strength * sq
-                objective.backward()
-                opt.step()
+                if scaler is None:
+                    objective.backward()
+                    opt.step()
+                else:  # float16: scale the loss so small gradients do not underflow; skip steps with inf/NaN
+                    scaler.scale(objective).backward()
+                    scaler.step(opt)
+                    scaler.update()
                 total += float(loss.detach()) * len(x)
                 count += len(x)
                 steps += 1
             samples += count
             epoch_loss = total / max(count, 1)
-        self.site_state.buffers[slot] = {n: b.detach().clone() for n, b in net.named_buffers()}
+        self.site_state.buffers[slot] = to_cpu(dict(net.named_buffers()))
         self.samples_seen += samples
         self.steps_taken += steps
-        new_params = {n: p.detach().clone() for n, p in net.named_parameters()}
+        new_params = to_cpu(dict(net.named_parameters()))
         return TrainResult(params=new_params, loss=epoch_loss, steps=steps, samples=samples)
 
     @torch.no_grad()
@@ -175,8 +191,10 @@ class SiteWork:
         self.network.eval()
         total, count = 0.0, 0
         for batch in self.data.loader(split_, batch_size=max(self.training.batch_size, 64)):
-            x, y = batch["image"], batch["label"]
-            total += float(self.loss_fn(self.network(x), y)) * len(x)
+            x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+            with autocast(self.device, self.precision):
+                out = self.network(x)
+            total += float(self.loss_fn(out.float(), y)) * len(x)
             count += len(x)
         return total / max(count, 1)
 
@@ -201,7 +219,9 @@ class SiteWork:
         self.network.eval()
         probs, targets = [], []
         for batch in self.data.loader(self._split(split), batch_size=max(self.training.batch_size, 64)):
-            probs.append(torch.softmax(self.network(batch["image"]), dim=1))
+            with autocast(self.device, self.precision):
+                out = self.network(batch["image"].to(self.device))
+            probs.append(torch.softmax(out.float(), dim=1).cpu())
             targets.append(batch["label"])
         if not probs:
             raise ValueError(f"site {self.data.name!r} has no {split} records")

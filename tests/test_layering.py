@@ -1,7 +1,7 @@
 """The import rules of the developers' brief, checked on the source (no imports executed).
 
 Layers (imports point down only, see shared/docs/architecture.md):
-0 config · 1 algorithms, data, models, metrics · 2 training, dp, privacy, checkpoint ·
+0 config · 1 algorithms, data, models, metrics, devices · 2 training, dp, privacy, checkpoint ·
 3 simulation, flower (never each other), evaluation, audit · 4 cli (imported by nobody).
 ``flwr`` only under ``fedfew_med/flower/``; ``opacus`` only in the DP module;
 algorithms are pure torch (no I/O libraries, no higher layers).
@@ -23,6 +23,7 @@ LAYER = {
     "data": 1,
     "models": 1,
     "metrics": 1,
+    "devices": 1,
     "training": 2,
     "dp": 2,
     "audit": 3,
@@ -31,6 +32,7 @@ LAYER = {
     "rundir": 2,
     "privacy": 2,
     "simulation": 3,
+    "site_pool": 3,
     "flower": 3,
     "evaluation": 3,
     "datasets": 3,

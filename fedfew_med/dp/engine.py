@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedfew_med.algorithms.base import Params, Prox, TrainResult
 from fedfew_med.config import TrainingConfig
 from fedfew_med.data.base import SiteData, collate
+from fedfew_med.devices import to_cpu
 from fedfew_med.dp.calibrate import Calibration, poisson_plan
 from fedfew_med.dp.ledger import Mechanism, PrivacyLedger
 from fedfew_med.dp.loss_channel import PerSampleLoss, loss_mechanism, per_sample_losses, private_losses
@@ -130,8 +131,13 @@ def dp_train(
     sampling_generator: torch.Generator,
     noise_generator: torch.Generator,
     prox: Prox | None = None,
+    device: torch.device | None = None,
 ) -> DPTrainStats:
     """Train ``network``'s parameters in place with DP-SGD; see the module docstring.
+
+    ``device`` is where ``network`` lives (default: where its first parameter is); batches move
+    there and ``noise_generator`` must be a generator of that device (Opacus draws the noise on
+    the gradients' device). Record sampling stays on the CPU (``sampling_generator``).
 
     The caller accounts ``Mechanism(noise_multiplier, sample_rate, epochs * steps_per_epoch)``.
     Buffers are untouched (a DP-ready network has none that training updates).
@@ -142,6 +148,7 @@ def dp_train(
     if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
         raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier}")
     mode = resolve_grad_sample_mode(grad_sample_mode, network)
+    device = device or next(network.parameters()).device
     work_net = copy.deepcopy(network)  # Opacus attaches hooks and attributes; keep the caller's module clean
     work_net.train()
     params = [p for p in work_net.parameters() if p.requires_grad]
@@ -173,7 +180,7 @@ def dp_train(
             loss_reduction="mean",
             generator=noise_generator,
         )
-    centre = {k: v.detach() for k, v in prox.center.items()} if prox is not None and prox.strength > 0 else None
+    centre = {k: v.detach().to(device) for k, v in prox.center.items()} if prox is not None and prox.strength > 0 else None
     saved_reduction = loss_fn.reduction
     loss_fn.reduction = "mean"
     steps = empty = 0
@@ -192,9 +199,9 @@ def dp_train(
                 )
                 if physical_batch_size > 0:
                     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical_batch_size, optimizer=optimizer) as physical:
-                        steps_done, empties = _epoch(physical, model, optimizer, loss_fn, mode, params, named, centre, prox, criterion)
+                        steps_done, empties = _epoch(physical, model, optimizer, loss_fn, mode, params, named, centre, prox, criterion, device)
                 else:
-                    steps_done, empties = _epoch(loader, model, optimizer, loss_fn, mode, params, named, centre, prox, criterion)
+                    steps_done, empties = _epoch(loader, model, optimizer, loss_fn, mode, params, named, centre, prox, criterion, device)
                 steps += steps_done
                 empty += empties
         if steps != epochs * steps_per_epoch:  # every logical step, empty or not, must have happened
@@ -220,6 +227,7 @@ def _epoch(
     centre: dict[str, torch.Tensor] | None,
     prox: Prox | None,
     criterion: DPLossFastGradientClipping | None,
+    device: torch.device,
 ) -> tuple[int, int]:
     steps = empty = 0
     for batch in loader:
@@ -233,7 +241,7 @@ def _epoch(
                 else:
                     p.grad = torch.zeros_like(p)
         else:
-            x, y = batch["image"], batch["label"]
+            x, y = batch["image"].to(device), batch["label"].to(device)
             out = model(x)
             if criterion is not None:
                 criterion(out, y).backward()
@@ -316,8 +324,13 @@ class DPSiteWork(SiteWork):
         )
 
     def noise_generator(self, slot: str, stream: str = "dp-sgd", index: int = 0) -> torch.Generator:
-        """The noise generator of ``slot`` in this round: a sibling of ``generator(slot)``'s seed."""
-        return torch.Generator().manual_seed(derive_seed(self.seed, self.round_idx, self.data.name, slot, stream, index))
+        """The noise generator of ``slot`` in this round: a sibling of ``generator(slot)``'s seed.
+
+        DP-SGD noise is drawn on the training device (a CUDA generator on a GPU: the same seed
+        gives other numbers there than on the CPU); loss-channel noise is drawn on the CPU.
+        """
+        device = self.device if stream == "dp-sgd" else torch.device("cpu")
+        return torch.Generator(device=device).manual_seed(derive_seed(self.seed, self.round_idx, self.data.name, slot, stream, index))
 
     def train(
         self,
@@ -361,9 +374,10 @@ class DPSiteWork(SiteWork):
             sampling_generator=self.generator(slot),
             noise_generator=self.noise_generator(slot),
             prox=prox,
+            device=self.device,
         )
-        self.site_state.buffers[slot] = {n: b.detach().clone() for n, b in net.named_buffers()}
-        new_params = {n: p.detach().clone() for n, p in net.named_parameters()}
+        self.site_state.buffers[slot] = to_cpu(dict(net.named_buffers()))
+        new_params = to_cpu(dict(net.named_parameters()))
         loss = self._private_loss(slot, "train", "train-loss")
         samples = epochs * self.num_samples  # expected records seen (the actual count depends on the data)
         self.samples_seen += samples

@@ -121,6 +121,11 @@ def private_sites(config: FederationConfig, sites: Sequence[SiteData]) -> dict[s
         options = site_privacy_options(config, site)
         if options is not None:
             out[site.name] = options
+    if out and config.training.precision != "32":
+        # Clipping bounds a float32 per-sample gradient norm; under autocast Opacus' hooks would see
+        # bfloat16/float16 activations and gradients, which its clipping and noise were not written for.
+        raise ConfigError(f'{config.source}: [training].precision must be "32" when a site trains with DP '
+                          f"(site {next(iter(out))!r}), got {config.training.precision!r}")
     return out
 
 

@@ -81,7 +81,8 @@ def per_sample_losses(network: nn.Module, dataset: Dataset[dict[str, torch.Tenso
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate, generator=torch.Generator().manual_seed(0))
     saved, loss_fn.reduction = loss_fn.reduction, "none"
     try:
-        out = [loss_fn(network(b["image"]), b["label"]).detach().to(torch.float64) for b in loader]
+        device = next(network.parameters()).device  # batches go where the network is; the losses come back to the CPU
+        out = [loss_fn(network(b["image"].to(device)), b["label"].to(device)).detach().to("cpu", torch.float64) for b in loader]
     finally:
         loss_fn.reduction = saved
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

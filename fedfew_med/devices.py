@@ -1,0 +1,69 @@
+"""Where a site computes and in what precision (``[training] device`` and ``precision``).
+
+=====================  ================================================================
+``resolve_device``     ``"auto" | "cpu" | "cuda" | "cuda:N"`` → a ``torch.device`` (auto:
+                       CUDA when torch sees a GPU); a GPU that is not there is an error
+``autocast``           the ``torch.amp`` context of a precision (none for ``"32"``)
+``grad_scaler``        ``torch.amp.GradScaler`` for ``"16-mixed"`` (float16 gradients
+                       underflow without it), else None
+``to_cpu``             detached CPU copies of a state dict: what leaves a site
+=====================  ================================================================
+
+On the CPU at precision ``"32"`` every helper is the identity (``nullcontext``, ``Tensor.to``
+of a CPU tensor), so the CPU code path, and its results to the bit, are those of a build
+without these options. Layer 1: torch only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def resolve_device(spec: str, *, where: str = "[training].device") -> torch.device:
+    """The device ``spec`` names on this machine.
+
+    Raises
+    ------
+    ValueError
+        For a malformed spec, or a CUDA device torch cannot see (naming ``where`` and what torch sees).
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = 0 if spec == "cuda" else spec.split(":", 1)[1]
+        if not str(index).isdigit():
+            raise ValueError(f'{where} must be "auto", "cpu", "cuda" or "cuda:N", got {spec!r}')
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index) >= count:
+            seen = "no CUDA device" if count == 0 else f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            raise ValueError(f"{where} = {spec!r}, but torch {torch.__version__} sees {seen} on this machine; "
+                             'use "auto" to fall back to the CPU')
+        return torch.device(f"cuda:{index}")
+    raise ValueError(f'{where} must be "auto", "cpu", "cuda" or "cuda:N", got {spec!r}')
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to the precision's dtype on ``device``; a no-op context for ``"32"``."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    if precision not in AMP_DTYPES:
+        raise ValueError(f'precision must be "32", "bf16" or "16-mixed", got {precision!r}')
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A gradient scaler for float16 training (``"16-mixed"``); None otherwise."""
+    return torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+
+
+def to_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU copies (a copy even on the CPU: the caller may go on training the source)."""
+    return {n: t.detach().to("cpu", copy=True) for n, t in tensors.items()}

@@ -197,6 +197,12 @@ class TrainingConfig:
     ``"16-mixed"`` (autocast to float16 with a gradient scaler). Whatever the device, everything a
     site returns and every checkpoint holds CPU float32 tensors, so a run moves between devices;
     ``device`` is therefore not part of the config digest that guards resuming (``precision`` is).
+
+    ``one_pass = true`` trains the copies a site receives in one round (FedFew's K models) together,
+    in one vectorised pass (``torch.func.vmap``) over **one** data order, that of the first copy's
+    slot; otherwise each copy is trained on its own with its own order. Same learning rule, so the
+    results equal K separate runs given that order to float tolerance. Needs a network without
+    buffers (no BatchNorm running statistics) and a site without DP.
     """
 
     local_epochs: int = 1
@@ -206,6 +212,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     device: str = "auto"
     precision: str = "32"
+    one_pass: bool = False
 
     def __post_init__(self) -> None:
         require(isinstance(self.device, str) and re.fullmatch(DEVICE_PATTERN, self.device) is not None, "device",
@@ -310,13 +317,16 @@ class FederationConfig:
 
         The device is where a run computes, not what it computes (a run started on a GPU may
         resume on a CPU); ``training.precision`` stays, except at its default ``"32"``, so that
-        configs written before these options existed keep their digest and their cached runs.
+        configs written before these options existed keep their digest and their cached runs
+        (``one_pass`` is dropped at its default ``false`` for the same reason).
         """
         out = self.to_dict()
         training = out["training"]
         training.pop("device", None)
         if training.get("precision") == "32":
             training.pop("precision")
+        if training.get("one_pass") is False:  # likewise: the default leaves the digest of older configs alone
+            training.pop("one_pass")
         return out
 
     def digest(self) -> str:

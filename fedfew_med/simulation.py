@@ -153,6 +153,11 @@ class Federation:
         self.server = ServerRuntime(config, algorithm, models)
         self.sites = local_runtimes(config, sites, algorithm, work_factory, prepare)
         first = next(iter(self.sites.values()))
+        buffers = [n for n, _ in first.network.named_buffers()]
+        if config.training.one_pass and buffers:
+            raise ConfigError(f"{config.source}: [training].one_pass needs a network without buffers, but [model].name "
+                              f"{config.model.name!r} has {len(buffers)} ({buffers[0]}...): running statistics cannot be "
+                              "shared by the copies of one pass; set one_pass = false or use a norm without statistics")
         self.privacy: dict[str, SitePrivacy] = dp_federation.plan_sites(
             config, sites, algorithm=algorithm, models=models, network=first.network,
             participants=self.participants, round_info=self.round_info,

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
+from torch.func import functional_call, vmap
 
 from fedfew_med.algorithms.base import Params, Prox, TrainResult
 from fedfew_med.config import TrainingConfig
@@ -182,6 +183,94 @@ class SiteWork:
         self.steps_taken += steps
         new_params = to_cpu(dict(net.named_parameters()))
         return TrainResult(params=new_params, loss=epoch_loss, steps=steps, samples=samples)
+
+    # -------------------------------------------------------------- K copies at once
+    def train_many(self, params: Sequence[Params], *, slots: Sequence[str]) -> list[TrainResult]:
+        """Train each of ``params`` in its slot: one after another, or with ``[training].one_pass`` in one
+        vectorised pass over the data order of ``slots[0]`` (see :meth:`_train_one_pass`)."""
+        if not self.training.one_pass or len(params) < 2:
+            return [self.train(p, slot=s) for p, s in zip(params, slots, strict=True)]
+        return self._train_one_pass(params, slots)
+
+    def losses(self, params: Sequence[Params], *, slots: Sequence[str], split: str = "train") -> list[float]:
+        """:meth:`loss` of each of ``params``; with ``one_pass``, all of them in one vectorised pass."""
+        if not self.training.one_pass or len(params) < 2:
+            return [self.loss(p, slot=s, split=split) for p, s in zip(params, slots, strict=True)]
+        self._require_no_buffers()
+        stacked = self._stack(params, grad=False)
+        batched = vmap(self._loss_of, in_dims=(0, None, None))  # (K,) mean loss of each copy on one batch
+        self.network.eval()
+        total, count = torch.zeros(len(params), dtype=torch.float64), 0
+        with torch.no_grad():
+            for batch in self.data.loader(self._split(split), batch_size=max(self.training.batch_size, 64)):
+                x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+                with autocast(self.device, self.precision):
+                    per_copy = batched(stacked, x, y)
+                total += per_copy.detach().to("cpu", torch.float64) * len(x)
+                count += len(x)
+        return [float(v) for v in total / max(count, 1)]
+
+    def _loss_of(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The task loss of the network with ``params`` on one batch (vmapped over copies)."""
+        return self.loss_fn(functional_call(self.network, params, (x,)).float(), y)
+
+    def _require_no_buffers(self) -> None:
+        names = [n for n, _ in self.network.named_buffers()]
+        if names:
+            raise ValueError(f"site {self.data.name!r}: [training].one_pass needs a network without buffers, but it has "
+                             f"{len(names)} ({names[0]}...): running statistics cannot be shared by copies in one pass")
+
+    def _stack(self, params: Sequence[Params], *, grad: bool) -> dict[str, torch.Tensor]:
+        """Parameters of the copies stacked on a new first axis: name -> (K, *shape), on the device."""
+        return {n: torch.stack([p[n] for p in params]).to(self.device).requires_grad_(grad) for n in params[0]}
+
+    def _train_one_pass(self, params: Sequence[Params], slots: Sequence[str]) -> list[TrainResult]:
+        """SGD on all copies at once: ``vmap`` of the network over stacked parameters, one batch for all.
+
+        The loss summed over copies has, for each copy, that copy's own gradient (the copies share
+        no parameter), and SGD (momentum, weight decay) acts elementwise, so each copy follows the
+        update it would follow alone on this data order.
+        """
+        self._require_no_buffers()
+        if self.num_samples == 0:
+            raise ValueError(f"site {self.data.name!r} has no training records")
+        t = self.training
+        stacked = self._stack(params, grad=True)
+        opt = torch.optim.SGD(list(stacked.values()), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        scaler = grad_scaler(self.device, self.precision)
+        batched = vmap(self._loss_of, in_dims=(0, None, None))
+        loader = self.data.loader("train", batch_size=t.batch_size, generator=self.generator(slots[0]))
+        self.network.train()
+        steps = samples = 0
+        epoch_loss = torch.zeros(len(params), dtype=torch.float64)
+        for _ in range(t.local_epochs):
+            total, count = torch.zeros(len(params), dtype=torch.float64), 0
+            for batch in loader:
+                x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+                opt.zero_grad(set_to_none=True)
+                with autocast(self.device, self.precision):
+                    per_copy = batched(stacked, x, y)  # (K,)
+                objective = per_copy.sum()
+                if scaler is None:
+                    objective.backward()
+                    opt.step()
+                else:
+                    scaler.scale(objective).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                total += per_copy.detach().to("cpu", torch.float64) * len(x)
+                count += len(x)
+                steps += 1
+            samples += count
+            epoch_loss = total / max(count, 1)
+        for slot in slots:
+            self.site_state.buffers[slot] = {}
+        self.samples_seen += samples * len(params)
+        self.steps_taken += steps * len(params)
+        return [
+            TrainResult(params=to_cpu({n: v[k] for n, v in stacked.items()}), loss=float(epoch_loss[k]), steps=steps, samples=samples)
+            for k in range(len(params))
+        ]
 
     @torch.no_grad()
     def loss(self, params: Params, *, slot: str, split: str = "train") -> float:

@@ -79,6 +79,23 @@ class LocalWork(Protocol):
         ...
 
 
+def train_copies(work: LocalWork, params: Sequence[Params], *, slots: Sequence[str]) -> list[TrainResult]:
+    """Train each of ``params`` in its slot: together when ``work`` offers ``train_many`` (a site with
+    ``[training].one_pass``), else one after another with :meth:`LocalWork.train`."""
+    many = getattr(work, "train_many", None)
+    if many is not None:
+        return list(many(params, slots=slots))
+    return [work.train(p, slot=s) for p, s in zip(params, slots, strict=True)]
+
+
+def copy_losses(work: LocalWork, params: Sequence[Params], *, slots: Sequence[str], split: str = "train") -> list[float]:
+    """:meth:`LocalWork.loss` of each of ``params``: in one pass when ``work`` offers ``losses``."""
+    many = getattr(work, "losses", None)
+    if many is not None:
+        return list(many(params, slots=slots, split=split))
+    return [work.loss(p, slot=s, split=split) for p, s in zip(params, slots, strict=True)]
+
+
 @dataclass(frozen=True)
 class RoundInfo:
     """What the server broadcasts with a round (besides the models)."""
@@ -195,6 +212,6 @@ def clone(params: Params) -> Params:
 
 def argmin_loss(work: LocalWork, models: Sequence[Params], *, split: str) -> tuple[int, tuple[float, ...]]:
     """Index of the server model with the lowest loss on ``split``, and all K losses."""
-    losses = tuple(work.loss(m, slot=f"server/{k}", split=split) for k, m in enumerate(models))
+    losses = tuple(copy_losses(work, models, slots=[f"server/{k}" for k in range(len(models))], split=split))
     best = min(range(len(losses)), key=lambda k: (losses[k], k))
     return best, losses

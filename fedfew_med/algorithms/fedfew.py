@@ -77,6 +77,8 @@ from fedfew_med.algorithms.base import (
     ServerStep,
     SiteReply,
     argmin_loss,
+    copy_losses,
+    train_copies,
 )
 from fedfew_med.algorithms.fedfew_collapse import Ownership, WorstServed, models_in_use, reseed
 from fedfew_med.algorithms.fedfew_math import (
@@ -218,13 +220,14 @@ class FedFew(Algorithm):
         o = self.options
         need_received = o.loss_source == "received" or o.sparse != "none"
         received = (
-            [work.loss(models[k], slot=f"server/{k}") for k in range(o.k)] if need_received else [0.0] * o.k
+            copy_losses(work, [models[k] for k in range(o.k)], slots=[f"server/{k}" for k in range(o.k)])
+            if need_received else [0.0] * o.k
         )
         selected = self._selected(received, self.site_lambda(site, info), info.extras["mu"])
         losses = list(received)
         updated: dict[int, Params] = {}
-        for k in selected:
-            result = work.train(models[k], slot=f"server/{k}")
+        results = train_copies(work, [models[k] for k in selected], slots=[f"server/{k}" for k in selected])
+        for k, result in zip(selected, results, strict=True):
             updated[k] = result.params
             if o.loss_source == "train":
                 losses[k] = result.loss

@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -383,6 +383,14 @@ class DPSiteWork(SiteWork):
         self.samples_seen += samples
         self.steps_taken += steps
         return TrainResult(params=new_params, loss=loss, steps=steps, samples=samples)
+
+    def train_many(self, params: Sequence[Params], *, slots: Sequence[str]) -> list[TrainResult]:
+        """DP-SGD on each copy in turn (each a mechanism of its own in the ledger; never one pass)."""
+        return [self.train(p, slot=s) for p, s in zip(params, slots, strict=True)]
+
+    def losses(self, params: Sequence[Params], *, slots: Sequence[str], split: str = "train") -> list[float]:
+        """Each copy's private loss (:meth:`loss`), one loss-channel release each."""
+        return [self.loss(p, slot=s, split=split) for p, s in zip(params, slots, strict=True)]
 
     def loss(self, params: Params, *, slot: str, split: str = "train") -> float:
         """Private mean loss of ``params`` on ``split`` (a loss-channel release, charged first)."""

@@ -121,6 +121,9 @@ def private_sites(config: FederationConfig, sites: Sequence[SiteData]) -> dict[s
         options = site_privacy_options(config, site)
         if options is not None:
             out[site.name] = options
+    if out and config.training.one_pass:
+        raise ConfigError(f"{config.source}: [training].one_pass cannot be used when a site trains with DP "
+                          f"(site {next(iter(out))!r}): DP-SGD clips and noises each copy's per-sample gradients on its own")
     if out and config.training.precision != "32":
         # Clipping bounds a float32 per-sample gradient norm; under autocast Opacus' hooks would see
         # bfloat16/float16 activations and gradients, which its clipping and noise were not written for.

@@ -9,7 +9,7 @@ DEMO_CONFIG ?= site_configs/br35h_federation.toml
 BR35H_DIR   := data/br35h
 BR35H_READY := $(BR35H_DIR)/federation.toml
 
-.PHONY: venv data demo bench bench-quick test test-slow lint typecheck check clean notebooks notebook-runs
+.PHONY: gpu-wheels venv data demo bench bench-quick test test-slow lint typecheck check clean notebooks notebook-runs
 
 venv: $(STAMP)
 
@@ -71,3 +71,11 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quality.py --dataset heart
 	$(BIN)/python benchmarks/speed.py
+
+# Wheels of the packages the GPU machine's image lacks, for benchmarks/gpu_check.sh (carried as .whl/; never committed).
+GPU_WHEELS := monai==$$(sed -n 's/^monai==//p' requirements.lock) opacus==$$(sed -n 's/^opacus==//p' requirements.lock) \
+              nibabel==$$(sed -n 's/^nibabel==//p' requirements.lock) pydicom==$$(sed -n 's/^pydicom==//p' requirements.lock)
+gpu-wheels: $(STAMP)
+	grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)

@@ -169,7 +169,11 @@ def cmd_validate_site(args: argparse.Namespace) -> int:
 def cmd_datasets_prepare(args: argparse.Namespace) -> int:
     from fedfew_med import datasets  # layer 3: file writing for real data sets
 
-    default = {"br35h": f"data/br35h-{args.sites}sites-alpha{args.alpha:g}-seed{args.seed}", "heart-disease": "data/heart-disease"}
+    sites = args.sites if args.sites is not None else (20 if args.dataset == "fashion-mnist" else 4)
+    alpha = args.alpha if args.alpha is not None else (0.1 if args.dataset == "fashion-mnist" else 0.5)
+    default = {"br35h": f"data/br35h-{sites}sites-alpha{alpha:g}-seed{args.seed}", "heart-disease": "data/heart-disease",
+               "fashion-mnist": f"data/fashion-mnist-{sites}sites-" + (f"alpha{alpha:g}" if args.scheme == "dirichlet"
+                                                                       else f"{args.classes_per_site}classes") + f"-seed{args.seed}"}
     out = Path(args.out or default[args.dataset])
     if out.exists() and any(out.iterdir()):
         if not args.force:
@@ -178,8 +182,11 @@ def cmd_datasets_prepare(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     try:
         if args.dataset == "br35h":
-            prepared = datasets.prepare_br35h(out, num_sites=args.sites, alpha=args.alpha, seed=args.seed,
-                                              image_size=args.image_size)
+            prepared = datasets.prepare_br35h(out, num_sites=sites, alpha=alpha, seed=args.seed, image_size=args.image_size)
+        elif args.dataset == "fashion-mnist":
+            prepared = datasets.prepare_fashion_mnist(out, num_sites=sites, scheme=args.scheme, alpha=alpha,
+                                                      classes_per_site=args.classes_per_site, seed=args.seed,
+                                                      max_records=args.records, root=args.root)
         else:
             prepared = datasets.prepare_heart_disease(out)
     except (ValueError, FileNotFoundError) as exc:  # bad arguments, or the data package is not installed
@@ -261,11 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a ready federation (site folders, site TOMLs, federation.toml)",
         description="br35h: 3000 real brain-MRI slices (tumour / no tumour) split over simulated sites with a "
         "seeded Dirichlet label skew (alpha) and a per-site acquisition shift, resized to one size. "
-        "heart-disease: the four real hospitals of UCI heart disease, prepared as the FLamby benchmark does.",
+        "heart-disease: the four real hospitals of UCI heart disease, prepared as the FLamby benchmark does. "
+        "fashion-mnist: the 70000 images of the Debian package dataset-fashion-mnist over M sites as the pFL papers "
+        "split them (Dirichlet or pathological label skew, 75/25 per site, a validation slice), with the papers' "
+        "CNN (pflcnn). Example: fedfew-med datasets prepare fashion-mnist --sites 20 --alpha 0.1",
     )
-    prep.add_argument("dataset", choices=["br35h", "heart-disease"])
-    prep.add_argument("--sites", type=int, default=4, help="number of simulated sites (br35h; default 4)")
-    prep.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration (br35h; default 0.5)")
+    prep.add_argument("dataset", choices=["br35h", "heart-disease", "fashion-mnist"])
+    prep.add_argument("--sites", type=int, default=None, help="number of simulated sites (br35h: default 4; fashion-mnist: 20)")
+    prep.add_argument("--alpha", type=float, default=None,
+                      help="Dirichlet label-skew concentration (br35h: default 0.5; fashion-mnist: 0.1)")
+    prep.add_argument("--scheme", choices=["dirichlet", "pathological"], default="dirichlet",
+                      help="fashion-mnist partition (default dirichlet)")
+    prep.add_argument("--classes-per-site", type=int, default=2, help="fashion-mnist, pathological: classes per site (default 2)")
+    prep.add_argument("--records", type=int, default=None, help="fashion-mnist: a seeded subset of this many records (default all 70000)")
+    prep.add_argument("--root", default=None,
+                      help="fashion-mnist: folder of the four IDX files (default /usr/share/datasets/fashion-mnist, "
+                      "from the Debian package dataset-fashion-mnist)")
     prep.add_argument("--seed", type=int, default=0, help="partition seed (br35h; default 0)")
     prep.add_argument("--image-size", type=int, default=64, help="side of the resized square images (br35h; default 64)")
     prep.add_argument("--out", help="output folder (default data/<dataset>...)")

@@ -119,3 +119,38 @@ def test_real_files_have_70000_records() -> None:
     images, labels = load_fashion_mnist()
     assert images.shape == (70000, 28, 28)
     np.testing.assert_array_equal(np.bincount(labels), np.full(10, 7000))
+
+
+def test_prepared_files_are_the_in_memory_sites(tiny_root: Path, tmp_path: Path) -> None:
+    """`datasets prepare fashion-mnist` writes what fashion_mnist_sites builds: the same records, labels and splits,
+    read back through the site-config path (PNG + CSV), and a federation the simulator runs."""
+    import csv
+
+    from PIL import Image
+
+    from fedfew_med.cli import main
+    from fedfew_med.config import load_federation
+    from fedfew_med.data import build_sites
+
+    out = tmp_path / "fm"
+    args = ["datasets", "prepare", "fashion-mnist", "--sites", "4", "--scheme", "pathological", "--classes-per-site", "3",
+            "--seed", "1", "--out", str(out)]
+    assert main([*args, "--root", str(tmp_path / "nowhere")]) == 2  # missing files: a clear error, nothing written
+    assert not out.exists() or not any(out.iterdir())
+    assert main([*args, "--root", str(tiny_root)]) == 0
+    memory = fashion_mnist_sites(num_sites=4, scheme="pathological", classes_per_site=3, seed=1, root=tiny_root)
+    config = load_federation(out / "federation.toml")
+    assert config.model.name == "pflcnn" and config.algorithm.params["k"] == 3
+    files = build_sites(config.data, source=config.source)
+    assert [s.name for s in files] == [s.name for s in memory]
+    for f, m in zip(files, memory, strict=True):
+        for split in ("train", "val", "test"):
+            assert f.size(split) == m.size(split), (f.name, split)
+            assert [int(f.splits[split][i]["label"]) for i in range(f.size(split))] == \
+                   [int(m.splits[split][i]["label"]) for i in range(m.size(split))]
+        # the PNG files hold the records' own pixels (the first encodes the record number), split as in memory
+        rows = list(csv.DictReader((out / f.name / "labels.csv").open()))
+        for split in ("train", "val", "test"):
+            written = [np.asarray(Image.open(out / f.name / r["image"]))[0, 0] for r in rows if r["split"] == split]
+            expected = [round(float(m.splits[split][i]["image"][0, 0, 0]) * 255) for i in range(m.size(split))]
+            assert written == expected

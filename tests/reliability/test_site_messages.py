@@ -55,7 +55,7 @@ ALLOWED_RECORDS: dict[str, set[str]] = {  # record name -> keys a site may send 
 }
 JSON_KEYS = {  # keys allowed in the JSON strings of fedfew.reply-info / fedfew.evaluation
     "info": {"trained", "personal_loss", "cluster", "local_loss"},
-    "entry": {"model", "scores", "metrics", "metrics_finetuned"},
+    "entry": {"model", "scores", "metrics", "metrics_finetuned", "device"},
     "privacy": {"options", "grad_sample_mode"},
     "state": {"calibration", "ledger", "stopped_round"},
     "report": {"accountant", "delta", "digest", "epsilon", "grad_sample_mode", "loss_clip", "loss_noise_multiplier",
@@ -67,6 +67,7 @@ METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # short tokens (an accountant, a mechanism, a hex digest, a site name), never a sentence, a path or a file name
 JSON_TOKENS = {"privacy", "state", "report"}
 TOKEN = re.compile(r"^[A-Za-z0-9_.:+\-]{0,64}$")
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")  # an evaluation entry's device: where the site computed, nothing of its data
 SLOT_LABEL = re.compile(r"^[a-z]+/\d+(:[a-z]+)?$")  # a ledger entry's model slot, e.g. 'server/0', 'server/1:val'
 
 MAX_STRING = 64
@@ -149,6 +150,9 @@ def check_json(payload: Any, allowed: set[str], where: str, *, tokens: bool = Fa
     """
     assert isinstance(payload, dict), f"{where}: expected a JSON object, got {payload!r}"
     assert set(payload) <= allowed, f"{where}: keys {sorted(set(payload) - allowed)} are not allowed"
+    if "device" in payload:
+        assert isinstance(payload["device"], str) and DEVICE.match(payload["device"]), f"{where}.device: {payload['device']!r}"
+        payload = {k: v for k, v in payload.items() if k != "device"}
 
     def leaves(v: Any, at: str) -> None:
         if isinstance(v, dict):

@@ -6,7 +6,7 @@ Per round, a job carries what changes: the round's broadcast, the models sent to
 the site's state; the worker returns the site's reply and its would-be new state, and the
 parent validates, commits and aggregates them **in the sequential order of the sites**, so a
 run with workers gives the sequential run's numbers to the bit (at the same threads per
-process) and its memory stays flat in M: at most ``2 · N`` site results are held at once.
+process) and its memory stays flat in M: at most ``2 · N`` site jobs and results are held at once.
 
 Threads: the process's torch threads (``[run].threads``, else torch's default) are split
 between the workers (``max(1, threads // N)`` each).
@@ -99,7 +99,11 @@ class SitePool:
         self._pool: multiprocessing.pool.Pool = context.Pool(workers, initializer=_init, initargs=(sites, self.threads_per_worker))
 
     def _ordered(self, fn: Callable[[Any], tuple[str, Any]], jobs: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-        """``(site, result or exception)`` in job order, with at most ``workers`` jobs in flight."""
+        """``(site, result or exception)`` in job order, with at most ``2 · workers`` jobs submitted and unread.
+
+        Twice the workers: a worker that finishes a short site picks the next job while the
+        parent still waits for a long one at the head of the order (sites differ in size).
+        """
         pending: deque[tuple[str, multiprocessing.pool.AsyncResult[tuple[str, Any]]]] = deque()
 
         def submit() -> None:
@@ -107,7 +111,7 @@ class SitePool:
             if job is not None:
                 pending.append((job[0], self._pool.apply_async(fn, (job[1],))))
 
-        for _ in range(self.workers):
+        for _ in range(2 * self.workers):
             submit()
         while pending:
             site, result = pending.popleft()

@@ -71,3 +71,6 @@ def test_speed_quick(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "speed_quick.json").read_text())
     assert res["overhead"]["ratio"] > 0 and 0 <= res["data_loading"]["share"] <= 1
     assert [r["sites"] for r in res["scaling"]] == [10, 20]
+    assert res["k_models"]["ratio"] > 0 and res["k_models"]["one_pass_speedup"] > 0
+    assert res["workers"]["speedup"] > 0 and res["cli"]["help_s"] > 0
+    assert "FedFew K = 3 round / FedAvg round" in (tmp_path / "speed_quick.md").read_text()

@@ -236,9 +236,12 @@ def dp_overhead(epochs: int) -> dict[str, Any] | None:
     return dict(benchmark_epoch_times(DEMO, epochs=epochs))
 
 
-def _median_round(cfg: Any, rounds: int, workers: int = 1) -> float:
-    """Median wall time of ``rounds`` simulator rounds (after a warm-up round), sites on ``workers`` processes."""
-    fed = Federation(cfg, build_sites(cfg.data, source=cfg.source))
+def _median_round(cfg: Any, rounds: int, workers: int = 1, sites: Any = None) -> float:
+    """Median wall time of ``rounds`` simulator rounds (after a warm-up round), sites on ``workers`` processes.
+
+    ``sites`` are in-memory sites (default: built from ``cfg.data``).
+    """
+    fed = Federation(cfg, sites if sites is not None else build_sites(cfg.data, source=cfg.source))
     fed.start_workers(workers)
     try:
         times = []
@@ -278,6 +281,50 @@ def workers_speedup(rounds: int) -> dict[str, Any]:
         torch.set_num_threads(saved)
     return {"one_process_2_threads_s": one, "two_workers_1_thread_s": two, "speedup": one / two, "rounds": rounds,
             "federation": "demo (6 sites, FedFew K=3)"}
+
+
+def paper_round(rounds: int, records: int) -> dict[str, Any] | None:
+    """The issue-17 work on the pFL papers' network: Fashion-MNIST, 20 sites (Dirichlet 0.1), FedFew K = 3, lr 0.005,
+    batch 50, ``pflcnn``. A FedFew round through the simulator (1 process at 1 thread; 2 workers at 1 thread each)
+    against a plain sequential PyTorch loop doing the same K trainings per site (at 1 and at 2 threads). Medians."""
+    from fedfew_med.datasets.fashion_mnist import fashion_mnist_sites
+
+    try:
+        sites = fashion_mnist_sites(num_sites=20, scheme="dirichlet", alpha=0.1, seed=0, max_records=records)
+    except FileNotFoundError as exc:
+        print(f"paper-network round skipped: {exc}", file=sys.stderr)
+        return None
+    cfg = federation_from_dict({
+        "run": {"rounds": rounds + 1, "seed": 0},
+        "algorithm": {"name": "fedfew", "params": {"k": 3}},
+        "training": {"local_epochs": 1, "lr": 0.005, "batch_size": 50},
+        "model": {"name": "pflcnn", "params": {"hidden": 512}},
+        "data": {"name": "synthetic", "params": {}},  # placeholder: the sites are passed in memory
+    })
+    saved = torch.get_num_threads()
+
+    def ours(workers: int) -> float:
+        torch.set_num_threads(1)
+        return _median_round(cfg, rounds, workers, sites=sites)
+
+    def bare(threads: int) -> float:
+        torch.set_num_threads(threads)
+        fed = Federation(cfg, sites)
+        times = []
+        for r in range(rounds + 1):
+            t = time.perf_counter()
+            bare_round(fed, r)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+
+    try:
+        seq, two = ours(1), ours(2)
+        bare1, bare2 = bare(1), bare(2)
+    finally:
+        torch.set_num_threads(saved)
+    return {"records": records, "rounds": rounds, "ours_1_thread_s": seq, "ours_2_workers_s": two, "bare_1_thread_s": bare1,
+            "bare_2_threads_s": bare2, "ratio_sequential": seq / bare1, "ratio_workers_vs_bare_1_thread": two / bare1,
+            "ratio_workers_vs_bare_2_threads": two / bare2}
 
 
 def cli_startup(repeats: int) -> dict[str, Any]:
@@ -333,6 +380,14 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| `--workers 2` speed-up ({w['federation']}; 1 process at 2 threads / 2 processes at 1 thread, "
                      f"medians of {w['rounds']} rounds) | {w['speedup']:.2f}x ({w['one_process_2_threads_s']:.3f} s / "
                      f"{w['two_workers_1_thread_s']:.3f} s) | |")
+    if res.get("paper"):
+        q = res["paper"]
+        lines.append(f"| papers' network round (Fashion-MNIST {q['records']} records, 20 sites, FedFew K = 3, pflcnn, batch 50): "
+                     f"simulator / plain PyTorch loop, both 1 thread | {q['ratio_sequential']:.2f} ({q['ours_1_thread_s']:.2f} s / "
+                     f"{q['bare_1_thread_s']:.2f} s) | |")
+        lines.append(f"| the same with `--workers 2` (1 thread each) / plain loop at 1 thread; / plain loop at 2 threads | "
+                     f"{q['ratio_workers_vs_bare_1_thread']:.2f}; {q['ratio_workers_vs_bare_2_threads']:.2f} ({q['ours_2_workers_s']:.2f} s; "
+                     f"{q['bare_2_threads_s']:.2f} s) | <= 0.8 (issue 17) |")
     if res.get("cli"):
         c = res["cli"]
         lines.append(f"| CLI start-up (`--help`, `simulate --help`) beyond `python -c pass`, medians of {c['repeats']} | "
@@ -376,6 +431,7 @@ def main() -> None:
     res["dp"] = dp_overhead(epochs=1 if quick else 3)
     res["k_models"] = k_models_cost(rounds=1 if quick else 5)
     res["workers"] = workers_speedup(rounds=1 if quick else 5)
+    res["paper"] = paper_round(rounds=1 if quick else 3, records=3000 if quick else 14000)
     res["cli"] = cli_startup(repeats=3 if quick else 10)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -215,9 +215,61 @@ def _supernode(args: argparse.Namespace, out: Out) -> int:
     enforce_deployment(args.policy, tls=secure, authenticated=secure, what=f"this SuperNode{'' if secure else ' (--insecure)'}")
     if not args.insecure and not (args.ca and args.key):
         raise ConfigError("supernode needs --ca ca.crt and --key nodes/<site> (or --insecure on a closed test network)")
+    problems = _check_site(node_config, out)
+    if problems:
+        return problems
+    _check_superlink(args.superlink, out)
     cmd = launch.supernode_command(superlink=args.superlink, node_config=node_config, root_certificates=args.ca,
                                    private_key=args.key, runtime_port=args.runtime_port, insecure=args.insecure)
     return _exec(cmd, launch.flower_env(), out)
+
+
+def _check_site(node_config: dict[str, str | int], out: Out) -> int:
+    """Load and validate this site's data before anything connects: 0, or 1 with every problem printed.
+
+    A missing or invalid site / federation file raises ConfigError (exit 2), naming the file and key.
+    """
+    from fedfew_med.flower.node import NodeConfigError, NodeSettings
+
+    settings = NodeSettings.from_node_config(node_config)
+    if settings.site_config is not None:
+        from fedfew_med.data.validate import validate_site
+
+        report = validate_site(settings.site_config)
+        if not report.ok:
+            out(report.format())
+            out(f"this SuperNode was not started: the data of {settings.site_config} has problems (see above; "
+                "`fedfew-med validate-site` shows the same report)")
+            return 1
+        return 0
+    try:
+        site = settings.load_site()
+    except NodeConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    except (ValueError, FileNotFoundError) as exc:
+        out(f"this SuperNode was not started: site {settings.site_index} of {settings.federation_config}: {exc}")
+        return 1
+    out(f"site {site.name!r}: {site.size('train')} training records")
+    return 0
+
+
+def _check_superlink(address: str, out: Out, timeout: float = 3.0) -> bool:
+    """Whether the SuperLink at ``HOST:PORT`` accepts a TCP connection now; when not, a line naming it and the cause.
+
+    Not an error: a SuperNode may start first and keeps retrying (Flower's own log then only says
+    that a connection attempt failed, without the address).
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        out(f"warning: the SuperLink at {address} cannot be reached now ({cause}); the SuperNode starts anyway "
+            "and keeps retrying: check the address, that the SuperLink runs, and the firewall")
+        return False
 
 
 def _run(args: argparse.Namespace, out: Out) -> int:

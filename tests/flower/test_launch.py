@@ -177,12 +177,16 @@ def test_cli_steps_build_the_same_commands(tmp_path, monkeypatch):
     args = parser.parse_args(["flower", "superlink", "--credentials", str(tmp_path / "c"), "--host", "0.0.0.0"])
     args.func(args)
     assert "--enable-supernode-auth" in execs[-1] and str(tmp_path / "c" / "superlink.db") in execs[-1]
-    args = parser.parse_args(["flower", "supernode", "--superlink", "h:9091", "--ca", "ca.crt", "--key", "k",
-                              "--state-dir", "st", "--federation-config", "f.toml", "--site-index", "1"])
+    fed = tmp_path / "f.toml"
+    fed.write_text((Path(__file__).resolve().parents[2] / "site_configs" / "demo_federation.toml").read_text())
+    args = parser.parse_args(["flower", "supernode", "--superlink", "127.0.0.1:1", "--ca", "ca.crt", "--key", "k",
+                              "--state-dir", "st", "--federation-config", str(fed), "--site-index", "1"])
     args.func(args)
     node_config = parse_config_args([execs[-1][execs[-1].index("--node-config") + 1]])
-    assert node_config == {"state-dir": str(Path("st").resolve()), "federation-config": str(Path("f.toml").resolve()),
-                           "site-index": 1}
+    assert node_config == {"state-dir": str(Path("st").resolve()), "federation-config": str(fed.resolve()), "site-index": 1}
+    # the site was loaded before connecting, and the unreachable SuperLink was named with the cause
+    assert any(line.startswith("site ") and "training records" in line for line in lines)
+    assert any("the SuperLink at 127.0.0.1:1 cannot be reached now (Connection refused)" in line for line in lines)
     args = parser.parse_args(["flower", "supernode", "--superlink", "h:9091", "--state-dir", "st", "--site-config", "s.toml"])
     from fedfew_med.config import ConfigError
 
@@ -191,6 +195,27 @@ def test_cli_steps_build_the_same_commands(tmp_path, monkeypatch):
     args = parser.parse_args(["flower", "connect", "fed", "--superlink", "h:9091", "--ca", str(tmp_path / "c" / "ca.crt"),
                               "--flwr-home", str(tmp_path / "home")])
     assert args.func(args) == 0 and (tmp_path / "home" / "config.toml").exists()
+
+
+def test_supernode_validates_its_site_before_it_starts(tmp_path, monkeypatch, capsys):
+    """A missing site file is a one-line error (exit 2); a site whose data has problems is not started (exit 1)."""
+    from fedfew_med.cli import main
+
+    execs: list[list[str]] = []
+    monkeypatch.setattr(commands.os, "execvpe", lambda file, cmd, env: execs.append(cmd))
+    base = ["flower", "supernode", "--superlink", "127.0.0.1:1", "--insecure", "--state-dir", str(tmp_path / "st")]
+    assert main([*base, "--site-config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml" in capsys.readouterr().err and execs == []
+    site = tmp_path / "site.toml"
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"not a png")
+    (tmp_path / "labels.csv").write_text("image,label\nimgs/a.png,0\nimgs/b.png,1\n")
+    site.write_text('[site]\nname = "h-a"\ntask = "classification"\n[source]\nkind = "images_csv"\nroot = "."\n'
+                    'csv = "labels.csv"\nimage_column = "image"\nlabel_column = "label"\n[labels]\nnames = ["no", "yes"]\n'
+                    '[preprocessing]\nspatial_size = [16, 16]\n')
+    assert main([*base, "--site-config", str(site)]) == 1
+    out = capsys.readouterr().out
+    assert "a.png" in out and "this SuperNode was not started" in out and execs == []
 
 
 def test_the_flower_steps_are_fedfew_med_subcommands(tmp_path, capsys):

@@ -88,6 +88,13 @@ def add_parser(subparsers: Any, *, out: Out) -> argparse.ArgumentParser:
                    help="local port for the SuperNode's ClientApp processes (one per SuperNode on a machine; default 9094)")
     p.set_defaults(func=lambda a: _supernode(a, out))
 
+    p = steps.add_parser("nodes", help="which SuperNode id serves which site in a run (from the coordinator's run directory)",
+                         description="Flower lists SuperNodes by numeric id (`flwr supernode ls`); the coordinator learns "
+                         "which site each id serves and keeps it in RUN_DIR/nodes.json. Example: "
+                         "fedfew-med flower nodes runs/flower-demo")
+    p.add_argument("run_dir", help="the run directory given to `flower run --run-dir`")
+    p.set_defaults(func=lambda a: _nodes(a, out))
+
     p = steps.add_parser("run", help="start or resume a FedFew run on the federation (flwr run)")
     p.add_argument("connection", help="connection name (see `connect`)")
     p.add_argument("--federation-config", required=True, help="the federation config, as seen from the SuperLink's machine")
@@ -222,6 +229,22 @@ def _supernode(args: argparse.Namespace, out: Out) -> int:
     cmd = launch.supernode_command(superlink=args.superlink, node_config=node_config, root_certificates=args.ca,
                                    private_key=args.key, runtime_port=args.runtime_port, insecure=args.insecure)
     return _exec(cmd, launch.flower_env(), out)
+
+
+def _nodes(args: argparse.Namespace, out: Out) -> int:
+    import json
+
+    path = Path(args.run_dir) / "nodes.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: the coordinator writes it once SuperNodes have described their sites")
+    doc = json.loads(path.read_text())
+    out(f"{'node id':>20}  {'site':<20} {'training records':>16}  status")
+    for row in doc["sites"]:
+        node = "-" if row["node_id"] is None else str(row["node_id"])
+        out(f"{node:>20}  {row['site']:<20} {row['n_train']:>16}  {row['status']}")
+    for node in doc.get("refused_node_ids", []):
+        out(f"{node:>20}  {'(refused for this run: see the coordinator log)'}")
+    return 0
 
 
 def _check_site(node_config: dict[str, str | int], out: Out) -> int:

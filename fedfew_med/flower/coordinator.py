@@ -35,6 +35,7 @@ fewer sites than that could train.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -170,6 +171,9 @@ class ServerSettings:
         if values.get("min_sites", 1) < 1:
             raise ServerConfigError(f"{where}: min-sites must be an integer >= 1, got {values['min_sites']}")
         return cls(**values)
+
+
+NODES_FILE = "nodes.json"  # node id <-> site, written by the coordinator into the run directory
 
 
 @dataclass
@@ -406,6 +410,7 @@ class Coordinator:
         known = set(self.node_of.values()) | self.rejected
         new = sorted(n for n in online if n not in known)
         if not new:
+            self._write_nodes()  # a node may have left
             return
         header = codec.encode_run(codec.RunHeader(run_key=self.run_key, config=self.config, base_round=-1,
                                                   dp_ready=bool(self.privacy.dp_ready)))
@@ -421,6 +426,21 @@ class Coordinator:
                 log.warning("SuperNode %d sent an unreadable site description: %s", n, exc)
         for card, n in sorted(cards, key=lambda c: (c[0].name, c[1])):
             self._admit(card, n)
+        self._write_nodes()
+
+    def _write_nodes(self) -> None:
+        """``nodes.json`` in the run directory: which SuperNode id serves which site (``fedfew-med flower nodes``).
+
+        Flower's own listing (``flwr supernode ls``) shows only node ids; the coordinator is the one
+        that learns the site behind each id, so it writes the mapping whenever it changes.
+        """
+        rows = [{"node_id": self.node_of.get(s), "site": s, "n_train": c.num_train,
+                 "status": "connected" if s in self.node_of else "disconnected"} for s, c in sorted(self.roster.items())]
+        doc = {"run_key": self.run_key, "sites": rows, "refused_node_ids": sorted(self.rejected)}
+        path = self.settings.run_dir / NODES_FILE
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+        if not path.is_file() or path.read_text() != text:
+            checkpoint.atomic_write_text(path, text)
 
     def _admit(self, card: codec.SiteCard, node: int) -> None:
         if self.facts is None:

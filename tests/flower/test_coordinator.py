@@ -206,7 +206,7 @@ def test_site_state_survives_a_supernode_restart(tmp_path, ditto_reference):
     _same_models(ditto_reference.models, result.models)
 
 
-def test_sites_with_other_model_facts_or_a_taken_name_are_refused(tmp_path):
+def test_sites_with_other_model_facts_or_a_taken_name_are_refused(tmp_path, capsys):
     path = tmp_path / "fed.toml"
     other = tmp_path / "other.toml"
     config = write_config(path, run={"rounds": 1})
@@ -222,6 +222,17 @@ def test_sites_with_other_model_facts_or_a_taken_name_are_refused(tmp_path):
     result = coordinator.run()
     assert coordinator.rejected == {104, 105}
     assert result.records[0]["participants"] == NAMES
+    # which node id is which site: nodes.json, and `fedfew-med flower nodes RUN_DIR`
+    nodes = json.loads((tmp_path / "run" / "nodes.json").read_text())
+    assert {r["site"]: r["node_id"] for r in nodes["sites"]} == dict(coordinator.node_of) and len(nodes["sites"]) == 3
+    assert nodes["refused_node_ids"] == [104, 105]
+    from fedfew_med.cli import main
+
+    assert main(["flower", "nodes", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split()[1]: line.split()[0] for line in printed.splitlines()[1:] if "refused" not in line}
+    assert rows == {site: str(node) for site, node in coordinator.node_of.items()}
+    assert "104" in printed and "refused" in printed
 
 
 def test_no_site_within_the_connect_timeout_is_an_error(tmp_path):

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedfew_med.config import ConfigError
+from fedfew_med.config import ConfigError, load_federation
 from fedfew_med.flower import launch
 
 Out = Callable[[str], None]
@@ -108,6 +108,9 @@ def add_parser(subparsers: Any, *, out: Out) -> argparse.ArgumentParser:
     p.add_argument("--round-timeout", type=float, help="seconds to wait for one phase's replies (default 600)")
     p.add_argument("--stop-after", type=int, help="stop after N rounds (resume later)")
     p.add_argument("--stream", action="store_true", help="follow the run's log")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of the federation config (TOML syntax, single quotes for strings), "
+                   "e.g. --set training.lr=0.02 --set \"algorithm.name='fedavg'\"; repeatable, as `simulate --set`")
     _policy(p)
     p.add_argument("--flwr-home", help="Flower's home directory (default $FLWR_HOME or ~/.flwr)")
     p.set_defaults(func=lambda a: _run(a, out))
@@ -311,6 +314,12 @@ def _run(args: argparse.Namespace, out: Out) -> int:
         value = getattr(args, attr)
         if value is not None:
             run_config[attr.replace("_", "-")] = value
+    if args.set:
+        quoted = [o for o in args.set if '"' in o]
+        if quoted:  # Flower's --run-config reads a quoted value up to the next double quote
+            raise ConfigError(f"--set {quoted[0]!r}: use single quotes for TOML strings here, e.g. \"algorithm.name='fedavg'\"")
+        load_federation(args.federation_config, args.set)  # a bad key or value fails here, not on the SuperLink
+        run_config["set"] = "\n".join(args.set)
     cmd = launch.flwr_run_command(args.connection, run_config, stream=args.stream)
     return int(subprocess.run(cmd, env=launch.flower_env(flwr_home=_flwr_home(args)), check=False).returncode)
 

@@ -107,6 +107,9 @@ class ServerSettings:
         Seconds between two pulls of replies from the SuperLink.
     stop_after
         Stop after this many rounds in this run (0: run to the end); resume later.
+    overrides
+        ``set``: config overrides (``SECTION.KEY=VALUE``, TOML values, one a line) applied to the
+        federation config as ``simulate --set`` does; the resolved config is what the sites receive.
     """
 
     federation_config: Path
@@ -120,6 +123,7 @@ class ServerSettings:
     round_timeout: float = 600.0
     poll_interval: float = 0.5
     stop_after: int = 0
+    overrides: tuple[str, ...] = ()
 
     KEYS: ClassVar[dict[str, str]] = {
         "federation-config": "federation_config",
@@ -133,6 +137,7 @@ class ServerSettings:
         "round-timeout": "round_timeout",
         "poll-interval": "poll_interval",
         "stop-after": "stop_after",
+        "set": "overrides",
     }
 
     @classmethod
@@ -157,6 +162,14 @@ class ServerSettings:
                 if not isinstance(value, bool):
                     raise ServerConfigError(f"{where}: {key} must be true or false, got {value!r}")
                 values[attr] = value
+            elif attr == "overrides":  # `flower run --set K=V ...`: one override a line (run-config values are scalars)
+                if not isinstance(value, str):
+                    raise ServerConfigError(f"{where}: set must be overrides SECTION.KEY=VALUE, one a line, got {value!r}")
+                lines = tuple(line for line in value.split("\n") if line.strip())
+                bad = [line for line in lines if "=" not in line]
+                if bad:
+                    raise ServerConfigError(f"{where}: set: each override must be SECTION.KEY=VALUE, got {bad[0]!r}")
+                values[attr] = lines
             elif kind == "int":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise ServerConfigError(f"{where}: {key} must be an integer >= 0, got {value!r}")

@@ -23,5 +23,5 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the federation named by the run config."""
     with forward_logs():
         settings = ServerSettings.from_run_config(context.run_config)
-        config = load_federation(settings.federation_config)
+        config = load_federation(settings.federation_config, list(settings.overrides))
         Coordinator(grid, config, settings).run()

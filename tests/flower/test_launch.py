@@ -255,3 +255,25 @@ def test_a_policy_refuses_an_insecure_deployment_before_anything_starts(tmp_path
     lax = tmp_path / "lax.toml"
     lax.write_text("[policy]\nrequire_tls = false\nrequire_authenticated_sites = false\n")
     assert main(["flower", "superlink", "--insecure", "--policy", str(lax)]) == 0 and len(execs) == 2
+
+
+def test_flower_run_takes_set_overrides_as_simulate_does(tmp_path, monkeypatch):
+    """`flower run --set`: checked on this machine, carried in the run config, applied by the ServerApp's loader."""
+    from fedfew_med.cli import main
+    from fedfew_med.config import load_federation
+    from fedfew_med.flower.coordinator import ServerSettings
+
+    fed = Path(__file__).resolve().parents[2] / "site_configs" / "demo_federation.toml"
+    runs: list[list[str]] = []
+    monkeypatch.setattr(commands.subprocess, "run", lambda cmd, **kw: runs.append(cmd) or type("P", (), {"returncode": 0})())
+    base = ["flower", "run", "fed", "--federation-config", str(fed), "--run-dir", str(tmp_path / "run"),
+            "--flwr-home", str(tmp_path / "home")]
+    assert main([*base, "--set", "training.lr=0.02", "--set", "algorithm.name='fedavg'", "--set", "algorithm.params={}"]) == 0
+    run_config = parse_config_args([runs[-1][runs[-1].index("--run-config") + 1]])
+    settings = ServerSettings.from_run_config(run_config)
+    assert settings.overrides == ("training.lr=0.02", "algorithm.name='fedavg'", "algorithm.params={}")
+    config = load_federation(settings.federation_config, list(settings.overrides))  # what server_app.main does
+    assert config.training.lr == 0.02 and config.algorithm.name == "fedavg"
+    assert main([*base, "--set", 'algorithm.name="fedavg"']) == 2  # double quotes cannot travel in --run-config
+    assert main([*base, "--set", "training.lrr=0.02"]) == 2  # an unknown key fails here, before anything starts
+    assert len(runs) == 1

@@ -36,35 +36,11 @@ def run(*args: Any, **kwargs: Any) -> SimulationResult:
     return simulate(*args, **kwargs)
 
 
-def _fmt(x: float | None) -> str:
-    return "   -  " if x is None or x != x else f"{x:6.3f}"
-
-
 def format_table(result: SimulationResult) -> str:
-    """The per-site table printed at the end of a run."""
-    s = result.summary
-    metric = s["metric"]
-    has_ft = "summary_finetuned" in s
-    head = f"{'site':<18} {'protocol':<9} {'n_train':>7} {'model':>5} {metric:>8}" + (f" {'+ft':>8}" if has_ft else "")
-    lines = [head, "-" * len(head)]
-    for site, row in s["per_site"].items():
-        model = "local" if row["model"] is None else str(row["model"])
-        line = f"{site:<18} {str(row['protocol'] or '-'):<9} {row['n_train']:>7} {model:>5} {_fmt(row['metric']):>8}"
-        if has_ft:
-            line += f" {_fmt(row.get('metric_finetuned')):>8}"
-        lines.append(line)
-    lines.append("-" * len(head))
-    sm = s["summary"]
-    lines.append(f"{s['algorithm']} (K={s['num_models']}), {s['rounds']} rounds: mean {metric} {sm['mean']:.3f}, "
-                 f"worst site {sm['worst']:.3f}, Jain's index {sm['jain']:.3f}")
-    if "model_use" in s:
-        lines.append(f"models: {s['model_use']['note']}")
-    if has_ft:
-        ft = s["summary_finetuned"]
-        lines.append(f"+{metric} after local fine-tuning: mean {ft['mean']:.3f}, worst {ft['worst']:.3f}, Jain {ft['jain']:.3f}")
-    if s.get("failures"):
-        lines.append(f"skipped site-rounds: {s['failures']}")
-    return "\n".join(lines)
+    """The per-site table printed at the end of a run (:func:`fedfew_med.rundir.summary_table`)."""
+    from fedfew_med.rundir import summary_table
+
+    return summary_table(result.summary)
 
 
 def _progress_callbacks(total_rounds: int, num_sites: int, disable: bool) -> tuple[Callbacks, list[Any]]:

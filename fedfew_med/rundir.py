@@ -174,6 +174,36 @@ def _devices(evaluation: Mapping[str, Mapping[str, Any]]) -> str:
     return ", ".join(f"{s}: {d}" for s, d in found.items())
 
 
+def _fmt(x: float | None) -> str:
+    return "   -  " if x is None or x != x else f"{x:6.3f}"
+
+
+def summary_table(s: Mapping[str, Any]) -> str:
+    """The per-site table of a run's summary: what ``simulate`` prints and the Flower coordinator logs at the end."""
+    metric = s["metric"]
+    has_ft = "summary_finetuned" in s
+    head = f"{'site':<18} {'protocol':<9} {'n_train':>7} {'model':>5} {metric:>8}" + (f" {'+ft':>8}" if has_ft else "")
+    lines = [head, "-" * len(head)]
+    for site, row in s["per_site"].items():
+        model = "local" if row["model"] is None else str(row["model"])
+        line = f"{site:<18} {str(row['protocol'] or '-'):<9} {row['n_train']:>7} {model:>5} {_fmt(row['metric']):>8}"
+        if has_ft:
+            line += f" {_fmt(row.get('metric_finetuned')):>8}"
+        lines.append(line)
+    lines.append("-" * len(head))
+    sm = s["summary"]
+    lines.append(f"{s['algorithm']} (K={s['num_models']}), {s['rounds']} rounds: mean {metric} {sm['mean']:.3f}, "
+                 f"worst site {sm['worst']:.3f}, Jain's index {sm['jain']:.3f}")
+    if "model_use" in s:
+        lines.append(f"models: {s['model_use']['note']}")
+    if has_ft:
+        ft = s["summary_finetuned"]
+        lines.append(f"+{metric} after local fine-tuning: mean {ft['mean']:.3f}, worst {ft['worst']:.3f}, Jain {ft['jain']:.3f}")
+    if s.get("failures"):
+        lines.append(f"skipped site-rounds: {s['failures']}")
+    return "\n".join(lines)
+
+
 def model_use(models: Sequence[Params], evaluation: Mapping[str, Mapping[str, Any]],
               records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Distinct deployed models, relative spread of the K models, re-seeds, and a one-line note."""

@@ -283,7 +283,9 @@ class Coordinator:
             checkpoint.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint, as the simulation
             checkpoint.save(run_dir, r, server_models=server.models, sites={}, state=self._state())
             records.append(record)
-            log.info("round %d done: %d replies, failures %s", r, len(replies), sorted(failures))
+            sm = record["summary"]
+            scored = f"; mean {sm['mean']:.3f}, worst site {sm['worst']:.3f} over {len(evaluation)} site(s)" if evaluation else ""
+            log.info("round %d done: %d replies, failures %s%s", r, len(replies), sorted(failures), scored)
         latest = checkpoint.latest_round(run_dir)
         completed = 0 if latest is None else latest + 1
         if not evaluation:
@@ -302,6 +304,7 @@ class Coordinator:
         entries = self.privacy.round_entries(max(completed - 1, 0), [], server.algorithm)
         summary.update({k: v for k, v in entries.items() if k != "privacy_stopped"})
         checkpoint.write_final(run_dir, server.models, summary)
+        log.info("run %s in %s:\n%s", "finished" if summary["finished"] else "stopped", run_dir, rundir.summary_table(summary))
         return CoordinatorResult(run_dir=run_dir, rounds_completed=completed, models=server.models, summary=summary, records=records)
 
     # --------------------------------------------------------------- the phases

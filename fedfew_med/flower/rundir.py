@@ -20,9 +20,9 @@ from pathlib import Path
 
 from fedfew_med import checkpoint
 from fedfew_med.config import FederationConfig
-from fedfew_med.rundir import RunDirError, open_run_dir, summarize_run
+from fedfew_med.rundir import RunDirError, open_run_dir, summarize_run, summary_table
 
-__all__ = ["RunDirError", "locked", "prepare", "summarize_run"]
+__all__ = ["RunDirError", "locked", "prepare", "summarize_run", "summary_table"]
 
 
 @contextmanager

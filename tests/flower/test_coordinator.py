@@ -64,11 +64,17 @@ def _same_models(a, b, atol: float = 0.0) -> None:
 
 
 @pytest.mark.parametrize(("algorithm", "params"), [("fedfew", {"k": 2, "mu": 0.01}), ("ditto", {"lam": 0.1}), ("local", {})])
-def test_same_models_and_records_as_the_simulation(tmp_path, algorithm, params):
+def test_same_models_and_records_as_the_simulation(tmp_path, algorithm, params, caplog):
     path = tmp_path / "fed.toml"
     config = write_config(path, run={"rounds": 3, "eval_every": 2}, algorithm={"name": algorithm, "params": params})
     expected = simulate(config, run_dir=tmp_path / "sim")
-    result = Coordinator(_grid(tmp_path, path), config, _settings(tmp_path, path)).run()
+    with caplog.at_level("INFO", logger="fedfew_med"):
+        result = Coordinator(_grid(tmp_path, path), config, _settings(tmp_path, path)).run()
+    # the coordinator's log (what `flower run --stream` shows): mean / worst on evaluated rounds, then the per-site table
+    assert any(m.startswith("round 0 done:") and "mean" in m and "worst site" in m for m in caplog.messages)
+    from fedfew_med.rundir import summary_table
+
+    assert summary_table(result.summary) in caplog.messages[-1] and "run finished" in caplog.messages[-1]
     _same_models(expected.models, result.models)
     assert _records(tmp_path / "run") == _records(tmp_path / "sim")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

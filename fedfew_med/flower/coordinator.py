@@ -53,7 +53,9 @@ from fedfew_med import checkpoint
 from fedfew_med.algorithms import Params, RoundInfo, SiteReply
 from fedfew_med.algorithms.base import ServerStep
 from fedfew_med.config import ConfigError, FederationConfig
+from fedfew_med.dp.chain import CHAIN_FILE, LedgerChain, open_chain
 from fedfew_med.dp.ledger import LedgerStateError
+from fedfew_med.dp.server import ServerDP
 from fedfew_med.flower import codec, rundir
 from fedfew_med.flower.privacy import NO_UPDATE, RunPrivacy
 from fedfew_med.metrics import PRIMARY, summarize
@@ -225,10 +227,16 @@ class Coordinator:
     def _run(self) -> CoordinatorResult:
         cfg, st = self.config, self.settings
         run_dir = st.run_dir
+        chain = self._open_chain()  # privacy_ledger.jsonl: checked before prepare changes anything
         ckpt = rundir.prepare(run_dir, cfg, resume=st.resume, overwrite=st.overwrite)
         start, history = 0, []
         if ckpt is not None:
             self._restore(ckpt)
+            if chain is not None:  # the checkpoint's ledgers must be those the chain recorded (no rollback)
+                try:
+                    chain.verify_checkpoint(ckpt.round, ckpt.state.get("privacy"), where=f"{run_dir}: round {ckpt.round}")
+                except LedgerStateError as exc:
+                    raise rundir.RunDirError(str(exc)) from None
             start = ckpt.round + 1
             history = checkpoint.truncate_records(run_dir / "metrics.jsonl", ckpt.round)
             log.info("resuming %s after round %d", run_dir, ckpt.round)
@@ -280,8 +288,16 @@ class Coordinator:
                 **extra,
                 **self.privacy.round_entries(r, stopped, server.algorithm),
             }
+            state = self._state()
+            if chain is None and self._private():  # DP asked for by the sites' own files: known once they answered
+                chain = open_chain(run_dir, config_digest=cfg.digest(), resume=False, checkpoint_round=None)
+            if chain is not None:  # the round's spending is on disk before its record and checkpoint, as the simulation
+                try:
+                    chain.append(r, state["privacy"])
+                except LedgerStateError as exc:
+                    raise rundir.RunDirError(str(exc)) from None
             checkpoint.append_record(run_dir / "metrics.jsonl", record)  # before the checkpoint, as the simulation
-            checkpoint.save(run_dir, r, server_models=server.models, sites={}, state=self._state())
+            checkpoint.save(run_dir, r, server_models=server.models, sites={}, state=state)
             records.append(record)
             sm = record["summary"]
             scored = f"; mean {sm['mean']:.3f}, worst site {sm['worst']:.3f} over {len(evaluation)} site(s)" if evaluation else ""
@@ -537,6 +553,29 @@ class Coordinator:
         for key in pending.values():
             errors[key] = f"TimeoutError: no reply within {timeout:g}s"
         return answers, errors
+
+    def _private(self) -> bool:
+        """Whether the run has DP sites or server-side DP (its ledgers then go into the chain)."""
+        return bool(self.privacy.sites) or isinstance(self._server().algorithm, ServerDP)
+
+    def _open_chain(self) -> LedgerChain | None:
+        """The run's ``privacy_ledger.jsonl`` when it has (or had, by its checkpoint) privacy spending, else None.
+
+        A new run whose DP is asked for only by the sites' own files opens it after the first round instead.
+        """
+        cfg, run_dir = self.config, self.settings.run_dir
+        latest = checkpoint.latest_round(run_dir) if run_dir.exists() else None
+        private = bool(cfg.privacy or cfg.server_privacy) or (run_dir / CHAIN_FILE).exists()
+        if self.settings.resume and latest is not None and not private:
+            loaded = checkpoint.load(run_dir)
+            prior = (loaded.state.get("privacy") or {}) if loaded is not None else {}
+            private = bool(prior.get("sites")) or prior.get("server") is not None
+        if not private:
+            return None
+        try:
+            return open_chain(run_dir, config_digest=cfg.digest(), resume=self.settings.resume, checkpoint_round=latest)
+        except LedgerStateError as exc:
+            raise rundir.RunDirError(str(exc)) from None
 
     def _state(self) -> dict[str, Any]:
         """The JSON state saved with every checkpoint."""

@@ -82,6 +82,13 @@ def test_same_models_and_privacy_records_as_the_simulation(tmp_path, tables, rou
         assert NAMES[0] not in ours[1]["site_losses"] and NAMES[0] in ours[1]["metrics"]
     if "server_privacy" in tables:
         assert ours[-1]["server_privacy"]["releases"] == 2 * rounds
+    # the hash-linked ledger file, as the simulation writes it: the same spending recorded round by round
+    assert _chain(tmp_path / "run") == _chain(tmp_path / "sim") and len(_chain(tmp_path / "run")) == rounds
+
+
+def _chain(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "privacy_ledger.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k in ("round", "sites", "server")} for line in lines]
 
 
 def test_a_site_file_asking_for_dp_trains_privately_as_in_the_simulation(tmp_path, monkeypatch):
@@ -102,6 +109,7 @@ def test_a_site_file_asking_for_dp_trains_privately_as_in_the_simulation(tmp_pat
     assert ours == _records(tmp_path / "sim")
     assert [sorted(r["privacy"]) for r in ours] == [[NAMES[1]], [NAMES[1]]]
     assert ours[-1]["privacy"][NAMES[1]]["target_epsilon"] == 4.0
+    assert [sorted(line["sites"]) for line in _chain(tmp_path / "run")] == [[NAMES[1]], [NAMES[1]]]  # opened once sites said DP
 
 
 def test_epsilon_accumulates_across_supernode_restarts_as_in_an_uninterrupted_run(tmp_path):
@@ -200,6 +208,28 @@ def test_a_ledger_file_deleted_under_a_running_supernode_is_refused_by_its_conte
     fresh = PrivacyLedger(delta=old["delta"], accountant=old["accountant"], target_epsilon=old["target_epsilon"], name=old["name"])
     meta["state"]["privacy"]["sites"][NAMES[2]]["ledger"] = fresh.state_dict()  # as if its round-0 reply had been lost
     state_file.write_text(json.dumps(meta))
+    # a coordinator that lost the reply would have chained that same state: rewrite the chain to match (else it refuses)
+    from fedfew_med.dp.chain import CHAIN_FILE, chain_entry, encode_entry, genesis
+
+    line = encode_entry(chain_entry(0, meta["state"]["privacy"], prev=genesis(config.digest())))
+    (tmp_path / "run" / CHAIN_FILE).write_text(line + "\n")
     result = Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()
     why = result.records[0]["failures"][NAMES[2]]
     assert f"its privacy ledger {_as_sent(tmp_path, ledger_file, 2)} is missing, but this SuperNode's context holds one of " in why
+
+
+def test_a_rolled_back_checkpoint_is_refused_by_the_coordinators_ledger_chain(tmp_path):
+    """As in the simulation: privacy_ledger.jsonl binds every checkpoint's ledgers; a ledger handed back is refused."""
+    from fedfew_med.rundir import RunDirError
+
+    path, config = _config(tmp_path, 2, **FIXED)
+    grid = _grid(tmp_path, path)
+    Coordinator(grid, config, _settings(tmp_path, path, stop_after=1)).run()
+    state_file = tmp_path / "run" / "checkpoints" / "round-00000" / "state.json"
+    meta = json.loads(state_file.read_text())
+    old = meta["state"]["privacy"]["sites"][NAMES[2]]["ledger"]
+    fresh = PrivacyLedger(delta=old["delta"], accountant=old["accountant"], target_epsilon=old["target_epsilon"], name=old["name"])
+    meta["state"]["privacy"]["sites"][NAMES[2]]["ledger"] = fresh.state_dict()  # spent budget handed back
+    state_file.write_text(json.dumps(meta))
+    with pytest.raises(RunDirError, match=r"do not match line 1 of .*privacy_ledger.jsonl"):
+        Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()

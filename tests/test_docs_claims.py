@@ -37,6 +37,10 @@ CLAIMS = [
     ("privacy/README.md", r"deployment refuses `?\[privacy\]`?", _flower_coordinator_accepts_privacy),
     ("docs/deployment.md", r"DP (is|are) not (yet )?(applied|supported) on Flower", _flower_sites_train_with_dp),
     ("README.md", r"DP (is|are) not (yet )?(applied|supported) on Flower", _flower_sites_train_with_dp),
+    ("privacy/README.md", r"coordinator writes no `?privacy_ledger",
+     lambda: "open_chain" in (ROOT / "fedfew_med/flower/coordinator.py").read_text()),
+    ("docs/deployment.md", r"(Flower|coordinator)[^.]*writes no `?privacy_ledger",
+     lambda: "open_chain" in (ROOT / "fedfew_med/flower/coordinator.py").read_text()),
     ("README.md", r"no device option", lambda: "device: str = \"auto\"" in (ROOT / "fedfew_med/config.py").read_text()),
 ]
 

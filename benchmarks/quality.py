@@ -330,7 +330,7 @@ def cache_key(dataset: Dataset, config: FederationConfig) -> str:
     A run that evaluates only at its end is keyed with ``eval_every = 10**6``, however it is
     written, as the first cached runs were (before [run].eval_every was bounded).
     """
-    resolved = config.to_dict()
+    resolved = config.identity()  # the resolved config without where it ran (device) and the defaults added since v3
     if resolved["run"]["eval_every"] >= resolved["run"]["rounds"]:
         resolved["run"]["eval_every"] = 10**6
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

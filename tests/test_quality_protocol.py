@@ -86,3 +86,15 @@ def test_the_run_cache_key_follows_the_resolved_options(monkeypatch: pytest.Monk
     monkeypatch.setitem(fedfew.PRESETS, "default", {**fedfew.PRESETS["default"], "site_weights": "uniform"})
     assert quality.cache_key(dataset, config) != before[0]
     assert quality.cache_key(dataset, fedavg) == before[1]
+
+
+def test_the_run_cache_key_ignores_the_device_but_not_the_arithmetic() -> None:
+    """Keys made before [training] device / precision / one_pass existed stay valid: the defaults add nothing,
+    the device (where a run computed) is left out, and a precision or one pass that changes the numbers is in."""
+    config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
+    dataset = quality.Dataset("demo", config, [_Site("a"), _Site("b")], "demo")  # type: ignore[list-item]
+    key = quality.cache_key(dataset, config)
+    assert quality.cache_key(dataset, dataset.with_overrides(["training.device='cpu'"])) == key
+    assert quality.cache_key(dataset, dataset.with_overrides(["training.precision='32'", "training.one_pass=false"])) == key
+    assert quality.cache_key(dataset, dataset.with_overrides(["training.precision='bf16'"])) != key
+    assert quality.cache_key(dataset, dataset.with_overrides(["training.one_pass=true"])) != key

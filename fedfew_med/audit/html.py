@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedfew_med.audit.summary import sig3
+
 PLOT_IDS = ("plot-epsilon", "plot-roc")
 
 
@@ -38,11 +40,18 @@ def epsilon_plot(privacy: Mapping[str, Any]) -> str | None:
 
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
+    from matplotlib.ticker import MaxNLocator
+
+    markers, styles = "osD^vP*X", ("-", "--", "-.", ":")
     for i, (name, row) in enumerate(sorted(sites.items())):
         pts = row["epsilon_by_round"]
-        line = ax.plot([p["round"] for p in pts], [p["epsilon"] for p in pts], marker="o", label=name, color=f"C{i}")[0]
+        # sites with one budget draw on top of each other: marker, line style and a small offset tell them apart
+        shift = (i - (len(sites) - 1) / 2) * 0.06
+        line = ax.plot([p["round"] + shift for p in pts], [p["epsilon"] for p in pts], marker=markers[i % len(markers)],
+                       ls=styles[i % len(styles)], label=name, color=f"C{i}", ms=5, alpha=0.9)[0]
         if row.get("target_epsilon"):
-            ax.axhline(row["target_epsilon"], ls="--", lw=0.8, color=line.get_color())
+            ax.axhline(row["target_epsilon"], ls=(0, (2, 3)), lw=0.8, color=line.get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("ε spent (whole run so far)")
     ax.set_title("privacy budget spent per site (dashed: target ε)")
@@ -83,7 +92,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return "-" if value is None else ("yes" if value else "no")
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return sig3(value)  # 3 significant digits on the page; data-value keeps the exact number
     return str(value)
 
 
@@ -105,8 +114,15 @@ def _img(b64: str | None, plot_id: str, alt: str) -> str:
     return f'<img id="{plot_id}" class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
-LEDGER_COLUMNS = ("epsilon", "target_epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps",
-                  "loss_noise_multiplier", "loss_clip", "loss_releases", "stopped")
+LEDGER_COLUMNS = ("epsilon", "target_epsilon", "rounds_left", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate",
+                  "steps", "loss_noise_multiplier", "loss_clip", "loss_releases", "stopped")
+LEDGER_LABELS = {
+    "epsilon": "ε spent", "target_epsilon": "ε budget", "rounds_left": "rounds left (at the last round's rate)", "delta": "δ",
+    "accountant": "accountant", "noise_multiplier": "noise (σ) of DP-SGD", "max_grad_norm": "gradient clip (C)",
+    "sample_rate": "records sampled per step (q)", "steps": "DP-SGD steps", "loss_noise_multiplier": "noise (σ) of loss reports",
+    "loss_clip": "loss clip", "loss_releases": "loss reports sent", "stopped": "stopped (budget spent)",
+}
+"""Column headings a privacy officer reads; the JSON keys stay in each cell's ``data-key``."""
 
 
 def _privacy_tables(privacy: Mapping[str, Any]) -> str:
@@ -118,7 +134,7 @@ def _privacy_tables(privacy: Mapping[str, Any]) -> str:
         cells = "".join(_cell(row.get(c), f"privacy.sites.{name}.{c}") for c in LEDGER_COLUMNS)
         check = row.get("ledger_check", {})
         rows.append(f"<tr><td>{html.escape(name)}</td>{cells}{_cell(check.get('matches'), f'privacy.sites.{name}.ledger_check.matches')}</tr>")
-    out = _table(["site", *LEDGER_COLUMNS, "ledger re-read matches"], rows, "ledger")
+    out = _table(["site", *(LEDGER_LABELS[c] for c in LEDGER_COLUMNS), "ledger re-read matches"], rows, "ledger")
     mech_rows = []
     for name, row in sorted(sites.items()):
         for i, m in enumerate(row.get("mechanisms", [])):
@@ -220,6 +236,8 @@ def render(report: Mapping[str, Any]) -> str:
         f"<h1>Privacy report</h1><p>Run <code>{html.escape(run['dir'])}</code>: {html.escape(str(run['algorithm']))} "
         f"(K = {html.escape(str(run['num_models']))}), {html.escape(str(run['rounds']))} rounds, sites "
         f"{html.escape(', '.join(run['sites']))}. Finished: {_fmt(run['finished'])}.</p>",
+        "<h2>In plain words</h2>",
+        "<ul id='summary'>" + "".join(f"<li>{html.escape(line)}</li>" for line in report.get("summary", [])) + "</ul>",
         "<h2>Policy compliance</h2>", _policy_table(report),
         "<h2>Privacy budget per site</h2>",
         _img(epsilon_plot(report["privacy"]), "plot-epsilon", "ε spent per site over the rounds"),

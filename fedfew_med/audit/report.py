@@ -22,6 +22,7 @@ import torch
 
 from fedfew_med import checkpoint
 from fedfew_med.audit import mia
+from fedfew_med.audit.summary import plain_summary, rounds_left
 from fedfew_med.config import federation_from_dict
 from fedfew_med.dp import PrivacyLedger
 from fedfew_med.evaluation import Run, load_run
@@ -104,6 +105,7 @@ def privacy_section(run_dir: Path) -> dict[str, Any]:
             eps = ledger.epsilon()
             row["ledger_check"] = {"epsilon": eps, "digest": ledger.digest(), "entries": len(ledger),
                                    "matches": math.isclose(eps, float(entry["epsilon"]), rel_tol=1e-9) and ledger.digest() == entry.get("digest")}
+            row["rounds_left"] = rounds_left(saved)  # rounds like the last one that still fit the target
         sites[name] = row
     return {"sites": sites, "server": summary.get("server_privacy")}
 
@@ -195,6 +197,7 @@ def build_report(run_dir: str | Path, *, baseline: str | Path | None = None, pol
                             "consistent": accounted is None or lb <= float(accounted)}
         attacks["checks"] = checks
         report["attack"] = attacks
+    report["summary"] = plain_summary(report)  # the opening sentences, from everything above
     return report
 
 

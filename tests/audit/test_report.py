@@ -141,6 +141,12 @@ def test_every_number_on_the_page_equals_the_json(report_dir):
     assert ids == ["plot-epsilon", "plot-roc"]
     assert all(str(img.get("src")).startswith("data:image/png;base64,") for img in parser.images)
     assert "http://" not in page and "https://" not in page  # nothing to fetch
+    # the page opens with the plain-words summary, one sentence per DP site with its ε, budget and rounds left
+    assert page.index("<h2>In plain words</h2>") < page.index("<h2>Policy compliance</h2>")
+    for site, row in report["privacy"]["sites"].items():
+        assert any(line.startswith(f"Site {site} spent ε = ") for line in report["summary"])
+        assert f"privacy.sites.{site}.rounds_left" in parser.cells and (row["rounds_left"] is None or row["rounds_left"] >= 0)
+    assert any("per record" in line for line in report["summary"])
 
 
 def _browser() -> str | None:

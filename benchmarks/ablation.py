@@ -45,6 +45,7 @@ from quality import (  # noqa: E402
     aggregate,
     algorithm_overrides,
     machine,
+    recorded_command,
     result_name,
     run_one,
 )
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{i + 1}/{len(rows)}] {cfg.setting:<36} test {row['mean']:.3f} worst {row['worst']:.3f} val {row['val_mean']:.3f} "
                   f"alpha_max {row['alpha_max']:.2f} in use {row['in_use']:.1f} spread {row['spread']:.2f}", flush=True)
     res = {"dataset": dataset.name, "description": dataset.description, "seeds": seeds, "rounds": dataset.config.run.rounds,
-           "command": "`python benchmarks/ablation.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
+           "command": recorded_command("ablation.py", sys.argv[1:] if argv is None else argv),
            "machine": machine(), "threads": args.threads, "rows": out, "wall_seconds": time.perf_counter() - t0}
     stem = args.out / f"ablation_{dataset.name}{'_quick' if args.quick else ''}"
     stem.parent.mkdir(parents=True, exist_ok=True)

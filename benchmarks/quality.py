@@ -241,6 +241,26 @@ class Config:
     overrides: tuple[str, ...]
 
 
+PATH_OPTIONS = ("--data-dir", "--cache-dir", "--out", "--fmnist-root")  # where, not what: left out of a recorded command
+
+
+def recorded_command(script: str, argv: Sequence[str]) -> str:
+    """The command that reproduces a result, without the options that only say where files are on this machine."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in PATH_OPTIONS:
+            skip = True
+            continue
+        if any(arg.startswith(o + "=") for o in PATH_OPTIONS):
+            continue
+        kept.append(f"'{arg}'" if " " in arg else arg)
+    return f"`python benchmarks/{script} " + " ".join(kept) + "`"
+
+
 def algorithm_overrides(name: str, **params: Any) -> tuple[str, ...]:
     """The ``--set``-style overrides that make a run use algorithm ``name`` with exactly ``params``."""
     body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
@@ -674,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     res: dict[str, Any] = {
         "dataset": dataset.name,
         "description": dataset.description,
-        "command": "`python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
+        "command": recorded_command("quality.py", sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
         "seeds": seeds,
         "rounds": dataset.config.run.rounds,

@@ -98,3 +98,10 @@ def test_the_run_cache_key_ignores_the_device_but_not_the_arithmetic() -> None:
     assert quality.cache_key(dataset, dataset.with_overrides(["training.precision='32'", "training.one_pass=false"])) == key
     assert quality.cache_key(dataset, dataset.with_overrides(["training.precision='bf16'"])) != key
     assert quality.cache_key(dataset, dataset.with_overrides(["training.one_pass=true"])) != key
+
+
+def test_a_recorded_command_leaves_out_where_files_are() -> None:
+    argv = ["--dataset", "segmentation", "--data-dir", "/work/x/data", "--cache-dir=/c", "--rounds", "20", "--out", "/o",
+            "--rows", "reference + re-seeding"]
+    assert quality.recorded_command("quality.py", argv) == \
+        "`python benchmarks/quality.py --dataset segmentation --rounds 20 --rows 'reference + re-seeding'`"

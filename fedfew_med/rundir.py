@@ -152,7 +152,8 @@ def summarize_run(
             }
             for s in sorted(evaluation)
         },
-        "summary": summarize(per_site),
+        "summary": {**summarize(per_site), "sites": len(per_site), "of_sites": len(set(sites) | set(evaluation))},
+        "site_status": _site_status(sites, evaluation, records),
         "bytes_total": traffic,
         "failures": {str(r["round"]): r["failures"] for r in records if r["failures"]},
         "config_digest": config.digest(),
@@ -162,6 +163,19 @@ def summarize_run(
         out["model_use"] = model_use(models, evaluation, records)
     if any("metrics_finetuned" in e for e in evaluation.values()):
         out["summary_finetuned"] = summarize({s: e["metrics_finetuned"][primary] for s, e in evaluation.items()})
+    return out
+
+
+def _site_status(sites: Mapping[str, Any], evaluation: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Every expected site: ``"evaluated"``, or why it is missing from mean and worst (its last recorded failure)."""
+    out: dict[str, str] = {}
+    for site in sorted(set(sites) | set(evaluation)):
+        if site in evaluation:
+            out[site] = "evaluated"
+            continue
+        why = next((r.get("evaluation_failures", {}).get(site) or r.get("failures", {}).get(site)
+                    for r in reversed(records) if site in r.get("evaluation_failures", {}) or site in r.get("failures", {})), None)
+        out[site] = f"not evaluated: {why}" if why else "not evaluated"
     return out
 
 
@@ -192,8 +206,12 @@ def summary_table(s: Mapping[str, Any]) -> str:
         lines.append(line)
     lines.append("-" * len(head))
     sm = s["summary"]
+    over = f" (over {sm['sites']} of {sm['of_sites']} sites)" if sm.get("sites", 0) < sm.get("of_sites", 0) else ""
     lines.append(f"{s['algorithm']} (K={s['num_models']}), {s['rounds']} rounds: mean {metric} {sm['mean']:.3f}, "
-                 f"worst site {sm['worst']:.3f}, Jain's index {sm['jain']:.3f}")
+                 f"worst site {sm['worst']:.3f}, Jain's index {sm['jain']:.3f}{over}")
+    for site, status in s.get("site_status", {}).items():
+        if status != "evaluated":
+            lines.append(f"{site}: {status}")
     if "model_use" in s:
         lines.append(f"models: {s['model_use']['note']}")
     if has_ft:

@@ -44,7 +44,8 @@ def test_run_directory_contents(tmp_path, tiny_config):
     assert all(b["sent"] > 0 and b["received"] > 0 for b in rec["bytes"].values())
     summary = json.loads((d / "summary.json").read_text())
     assert summary["finished"] and summary["rounds"] == 4
-    assert set(summary["summary"]) == {"mean", "worst", "best", "jain"}
+    assert set(summary["summary"]) == {"mean", "worst", "best", "jain", "sites", "of_sites"}
+    assert summary["summary"]["sites"] == summary["summary"]["of_sites"] == 3 and set(summary["site_status"].values()) == {"evaluated"}
     # checkpoints are safetensors + JSON only: nothing to unpickle
     ckpt_files = {p.name for p in (d / "checkpoints").rglob("*") if p.is_file()}
     assert ckpt_files == {"LATEST", "server.safetensors", "sites.safetensors", "state.json"}

@@ -142,6 +142,15 @@ def test_an_offline_site_stays_a_participant_that_failed(tmp_path):
         assert rec["participants"] == NAMES
         assert rec["failures"] == {"site02-noisy": "SiteOffline: the site's SuperNode is not connected to the SuperLink"}
         assert sorted(rec["metrics"]) == NAMES[:2]
+    # summary.json lists every expected site; mean and worst say over how many they were computed
+    assert result.summary["site_status"] == {NAMES[0]: "evaluated", NAMES[1]: "evaluated",
+                                             NAMES[2]: "not evaluated: " + result.records[-1].get("evaluation_failures", {}).get(
+                                                 NAMES[2], result.records[-1]["failures"][NAMES[2]])}
+    assert result.summary["summary"]["sites"] == 2 and result.summary["summary"]["of_sites"] == 3
+    from fedfew_med.rundir import summary_table
+
+    table = summary_table(result.summary)
+    assert "(over 2 of 3 sites)" in table and f"{NAMES[2]}: not evaluated: " in table
 
 
 def test_a_crashing_site_is_skipped_with_its_exception(tmp_path):

@@ -37,6 +37,7 @@ from quality import (  # noqa: E402
     aggregate,
     algorithm_overrides,
     machine,
+    recorded_command,
     result_name,
     run_one,
     write_results,
@@ -137,7 +138,7 @@ def main() -> None:
                   flush=True)
     res = {
         "dataset": dataset.name, "description": dataset.description, "quick": args.quick, "seeds": seeds,
-        "command": f"`python benchmarks/sparse.py --dataset {args.dataset}{' --quick' if args.quick else ''}`",
+        "command": recorded_command("sparse.py", sys.argv[1:]),
         "rounds": dataset.config.run.rounds, "metric": PRIMARY[dataset.sites[0].task], "machine": machine(),
         "threads": args.threads, "methods": methods, "wall_seconds": time.perf_counter() - t0,
     }

@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,24 @@ def machine() -> dict[str, Any]:
 
 
 def simulator_round(fed: Federation, r: int) -> None:
-    """One round through the simulator's own path, without evaluation."""
+    """One round through the simulator's own path (worker processes too, once started), without evaluation."""
     info = fed.round_info(r, fed.participants(r))
     step = fed.server.begin_aggregation(info)
-    for site in info.participants:
-        reply, _ = fed.site_step(site, info)
-        step.add(site, reply)
+    for site, outcome in fed.site_steps(info.participants, info):
+        if isinstance(outcome, Exception):
+            raise outcome
+        step.add(site, outcome[0])
     fed.server.finish(step)
+
+
+def _median_time(round_fn: Callable[[int], None], rounds: int) -> float:
+    """Median wall time of ``round_fn(r)`` over ``rounds`` rounds, after an untimed warm-up round 0."""
+    times = []
+    for r in range(rounds + 1):
+        t = time.perf_counter()
+        round_fn(r)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
 
 
 def bare_round(fed: Federation, r: int) -> None:
@@ -244,23 +256,13 @@ def _median_round(cfg: Any, rounds: int, workers: int = 1, sites: Any = None) ->
     fed = Federation(cfg, sites if sites is not None else build_sites(cfg.data, source=cfg.source))
     fed.start_workers(workers)
     try:
-        times = []
-        for r in range(rounds + 1):
-            t = time.perf_counter()
-            info = fed.round_info(r, fed.participants(r))
-            step = fed.server.begin_aggregation(info)
-            for site, outcome in fed.site_steps(info.participants, info):
-                assert not isinstance(outcome, Exception), outcome
-                step.add(site, outcome[0])
-            fed.server.finish(step)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[1:])
+        return _median_time(lambda r: simulator_round(fed, r), rounds)
     finally:
         fed.close()
 
 
 def k_models_cost(rounds: int) -> dict[str, Any]:
-    """FedFew K = 3 round / FedAvg round on the demo federation, rounds interleaved per algorithm."""
+    """FedFew K = 3 round (K passes, and one pass) / FedAvg round on the demo federation, one algorithm after another."""
     fedfew = load_federation(DEMO, ["algorithm.name='fedfew'", "algorithm.params={k=3}"])
     fedavg = load_federation(DEMO, ["algorithm.name='fedavg'", "algorithm.params={}"])
     one_pass = load_federation(DEMO, ["algorithm.name='fedfew'", "algorithm.params={k=3}", "training.one_pass=true"])
@@ -310,12 +312,7 @@ def paper_round(rounds: int, records: int) -> dict[str, Any] | None:
     def bare(threads: int) -> float:
         torch.set_num_threads(threads)
         fed = Federation(cfg, sites)
-        times = []
-        for r in range(rounds + 1):
-            t = time.perf_counter()
-            bare_round(fed, r)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[1:])
+        return _median_time(lambda r: bare_round(fed, r), rounds)
 
     try:
         seq, two = ours(1), ours(2)

@@ -218,16 +218,29 @@ def latest_round(run_dir: Path) -> int | None:
         raise CheckpointError(f"{pointer}: expected 'round-NNNNN', got {name!r}") from None
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint folder's ``state.json`` (round, digests, run state)."""
+    try:
+        return dict(json.loads((path / "state.json").read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / 'state.json'}: unreadable ({exc})") from None
+
+
+def latest_state(run_dir: Path) -> dict[str, Any] | None:
+    """The JSON run state of the latest checkpoint, without loading (or verifying) its tensors; None if there is none."""
+    round_idx = latest_round(run_dir)
+    if round_idx is None:
+        return None
+    return dict(_read_meta(run_dir / "checkpoints" / f"round-{round_idx:05d}").get("state") or {})
+
+
 def load(run_dir: Path) -> Checkpoint | None:
     """Load the latest complete checkpoint, verifying digests; None if there is none."""
     round_idx = latest_round(run_dir)
     if round_idx is None:
         return None
     path = run_dir / "checkpoints" / f"round-{round_idx:05d}"
-    try:
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path / 'state.json'}: unreadable ({exc})") from None
+    meta = _read_meta(path)
     digests = meta.get("digests") or {}
     for name in ("server.safetensors", "sites.safetensors"):  # both, always: a dropped digest must not skip the check
         if name not in digests:

@@ -277,7 +277,7 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     was never imported cannot have been raised.
     """
     found: list[type[Exception]] = [ConfigError]
-    for module, name in (("fedfew_med.simulation", "RunDirError"), ("fedfew_med.checkpoint", "CheckpointError")):
+    for module, name in (("fedfew_med.rundir", "RunDirError"), ("fedfew_med.checkpoint", "CheckpointError")):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)

@@ -6,6 +6,7 @@
 ``autocast``           the ``torch.amp`` context of a precision (none for ``"32"``)
 ``grad_scaler``        ``torch.amp.GradScaler`` for ``"16-mixed"`` (float16 gradients
                        underflow without it), else None
+``backward_step``      backward and optimiser step of one batch, through the scaler if any
 ``to_cpu``             detached CPU copies of a state dict: what leaves a site
 =====================  ================================================================
 
@@ -62,6 +63,17 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """A gradient scaler for float16 training (``"16-mixed"``); None otherwise."""
     return torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+
+
+def backward_step(objective: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """``objective.backward(); optimizer.step()``, or with float16 the scaled loss and a step skipped on inf/NaN."""
+    if scaler is None:
+        objective.backward()
+        optimizer.step()
+    else:
+        scaler.scale(objective).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
 
 def to_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -173,8 +173,11 @@ def _site_status(sites: Mapping[str, Any], evaluation: Mapping[str, Any], record
         if site in evaluation:
             out[site] = "evaluated"
             continue
-        why = next((r.get("evaluation_failures", {}).get(site) or r.get("failures", {}).get(site)
-                    for r in reversed(records) if site in r.get("evaluation_failures", {}) or site in r.get("failures", {})), None)
+        why = None
+        for r in reversed(records):  # the most recent round that recorded a failure of this site
+            why = r.get("evaluation_failures", {}).get(site) or r.get("failures", {}).get(site)
+            if why:
+                break
         out[site] = f"not evaluated: {why}" if why else "not evaluated"
     return out
 

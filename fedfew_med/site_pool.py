@@ -59,24 +59,24 @@ def _init(sites: Mapping[str, SiteRuntime], threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train(job: tuple[str, RoundInfo, Mapping[int, Params], SiteState]) -> tuple[str, Any]:
+def _train(job: tuple[str, RoundInfo, Mapping[int, Params], SiteState]) -> tuple[SiteReply, SiteState] | Exception:
     site, info, sent, state = job
     runtime = _SITES[site]
     runtime.state = state
     try:
-        return "ok", runtime.compute(info, sent)
+        return runtime.compute(info, sent)
     except Exception as exc:  # handed back: the parent records it as the site's failure for the round
-        return "error", exc
+        return exc
 
 
-def _evaluate(job: tuple[str, Sequence[Params], int, SiteState]) -> tuple[str, Any]:
+def _evaluate(job: tuple[str, Sequence[Params], int, SiteState]) -> dict[str, Any] | Exception:
     site, models, round_idx, state = job
     runtime = _SITES[site]
     runtime.state = state
     try:
-        return "ok", runtime.evaluate(models, round_idx)
+        return runtime.evaluate(models, round_idx)
     except Exception as exc:
-        return "error", exc
+        return exc
 
 
 class SitePool:
@@ -98,36 +98,36 @@ class SitePool:
         context = multiprocessing.get_context("fork")  # the workers inherit the data; nothing is pickled at start
         self._pool: multiprocessing.pool.Pool = context.Pool(workers, initializer=_init, initargs=(sites, self.threads_per_worker))
 
-    def _ordered(self, fn: Callable[[Any], tuple[str, Any]], jobs: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    def _ordered(self, fn: Callable[[Any], Any], jobs: Iterator[tuple[Any, ...]]) -> Iterator[tuple[str, Any]]:
         """``(site, result or exception)`` in job order, with at most ``2 · workers`` jobs submitted and unread.
 
         Twice the workers: a worker that finishes a short site picks the next job while the
         parent still waits for a long one at the head of the order (sites differ in size).
         """
-        pending: deque[tuple[str, multiprocessing.pool.AsyncResult[tuple[str, Any]]]] = deque()
+        pending: deque[tuple[str, multiprocessing.pool.AsyncResult[Any]]] = deque()
 
         def submit() -> None:
             job = next(jobs, None)
-            if job is not None:
-                pending.append((job[0], self._pool.apply_async(fn, (job[1],))))
+            if job is not None:  # a job's first item is its site
+                pending.append((job[0], self._pool.apply_async(fn, (job,))))
 
         for _ in range(2 * self.workers):
             submit()
         while pending:
             site, result = pending.popleft()
-            status, value = result.get()
+            value = result.get()
             submit()
             yield site, value
 
     def train(self, jobs: Iterator[tuple[str, RoundInfo, Mapping[int, Params], SiteState]]
               ) -> Iterator[tuple[str, tuple[SiteReply, SiteState] | Exception]]:
         """Each job's ``SiteRuntime.compute`` result, or the exception it raised, in job order."""
-        return self._ordered(_train, ((job[0], job) for job in jobs))
+        return self._ordered(_train, jobs)
 
     def evaluate(self, jobs: Iterator[tuple[str, Sequence[Params], int, SiteState]]
                  ) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
         """Each job's ``SiteRuntime.evaluate`` entry, or the exception it raised, in job order."""
-        return self._ordered(_evaluate, ((job[0], job) for job in jobs))
+        return self._ordered(_evaluate, jobs)
 
     def close(self) -> None:
         """Stop the workers (waits for nothing: every result has been read)."""

@@ -28,7 +28,7 @@ from torch.func import functional_call, vmap
 from fedfew_med.algorithms.base import Params, Prox, TrainResult
 from fedfew_med.config import TrainingConfig
 from fedfew_med.data.base import SiteData, Split
-from fedfew_med.devices import autocast, grad_scaler, resolve_device, to_cpu
+from fedfew_med.devices import autocast, backward_step, grad_scaler, resolve_device, to_cpu
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -166,13 +166,7 @@ class SiteWork:
                     # FedProx/Ditto proximal term strength/2 · ||θ − centre||² (float32, outside autocast)
                     sq = sum(((named[n] - c) ** 2).sum() for n, c in centre.items())
                     objective = loss + 0.5 * prox.strength * sq
-                if scaler is None:
-                    objective.backward()
-                    opt.step()
-                else:  # float16: scale the loss so small gradients do not underflow; skip steps with inf/NaN
-                    scaler.scale(objective).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                backward_step(objective, opt, scaler)
                 total += float(loss.detach()) * len(x)
                 count += len(x)
                 steps += 1
@@ -250,14 +244,7 @@ class SiteWork:
                 opt.zero_grad(set_to_none=True)
                 with autocast(self.device, self.precision):
                     per_copy = batched(stacked, x, y)  # (K,)
-                objective = per_copy.sum()
-                if scaler is None:
-                    objective.backward()
-                    opt.step()
-                else:
-                    scaler.scale(objective).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                backward_step(per_copy.sum(), opt, scaler)
                 total += per_copy.detach().to("cpu", torch.float64) * len(x)
                 count += len(x)
                 steps += 1

@@ -215,6 +215,7 @@ class Coordinator:
         self.last_accepted: dict[str, int] = {}  # site -> last round whose reply was aggregated (persisted)
         self.node_of: dict[str, int] = {}  # connected site -> its SuperNode's node id (not persisted)
         self.rejected: set[int] = set()  # node ids refused for this run (facts or name conflicts)
+        self._nodes_written = ""  # the last nodes.json written by this coordinator
         self.server: ServerRuntime | None = None
         self.privacy = RunPrivacy(config)
 
@@ -469,10 +470,10 @@ class Coordinator:
         rows = [{"node_id": self.node_of.get(s), "site": s, "n_train": c.num_train,
                  "status": "connected" if s in self.node_of else "disconnected"} for s, c in sorted(self.roster.items())]
         doc = {"run_key": self.run_key, "sites": rows, "refused_node_ids": sorted(self.rejected)}
-        path = self.settings.run_dir / NODES_FILE
         text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-        if not path.is_file() or path.read_text() != text:
-            checkpoint.atomic_write_text(path, text)
+        if text != self._nodes_written:  # every round asks; the file changes only when the mapping does
+            checkpoint.atomic_write_text(self.settings.run_dir / NODES_FILE, text)
+            self._nodes_written = text
 
     def _admit(self, card: codec.SiteCard, node: int) -> None:
         if self.facts is None:
@@ -566,9 +567,8 @@ class Coordinator:
         cfg, run_dir = self.config, self.settings.run_dir
         latest = checkpoint.latest_round(run_dir) if run_dir.exists() else None
         private = bool(cfg.privacy or cfg.server_privacy) or (run_dir / CHAIN_FILE).exists()
-        if self.settings.resume and latest is not None and not private:
-            loaded = checkpoint.load(run_dir)
-            prior = (loaded.state.get("privacy") or {}) if loaded is not None else {}
+        if self.settings.resume and latest is not None and not private:  # its state alone; prepare() loads the tensors
+            prior = (checkpoint.latest_state(run_dir) or {}).get("privacy") or {}
             private = bool(prior.get("sites")) or prior.get("server") is not None
         if not private:
             return None

@@ -14,13 +14,14 @@ options) are kept as plain mappings here and validated by that layer through
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -91,6 +92,12 @@ def _check_type(value: Any, hint: Any, *, where: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a programming error
 
 
+def did_you_mean(given: str, allowed: Iterable[str]) -> str:
+    """`` (did you mean 'rounds'?)`` when an allowed name is close to ``given`` (difflib's ratio ≥ 0.6), else ``""``."""
+    close = difflib.get_close_matches(given, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def build_dataclass(cls: type[T], data: Mapping[str, Any], *, where: str) -> T:
     """Build the frozen dataclass ``cls`` from ``data``, checking keys and types.
 
@@ -116,7 +123,8 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any], *, where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(fields))}"
+            f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], fields)}; "
+            f"allowed keys are {', '.join(sorted(fields))}"
         )
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
@@ -167,6 +175,7 @@ class RunConfig:
     eval_every: int = 1  # evaluate deployed models every n rounds (and always at the end)
     finetune_eval_epochs: int = 0  # >0 adds a separately labelled "+fine-tune" evaluation row
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    metric: str = ""  # the headline metric of tables and summaries; "" = the task's (accuracy, dice)
 
     def __post_init__(self) -> None:
         require(self.rounds >= 1, "rounds", "be an integer >= 1", self.rounds)
@@ -327,6 +336,8 @@ class FederationConfig:
             training.pop("precision")
         if training.get("one_pass") is False:  # likewise: the default leaves the digest of older configs alone
             training.pop("one_pass")
+        if out["run"].get("metric") == "":  # likewise for the headline metric's default
+            out["run"].pop("metric")
         return out
 
     def digest(self) -> str:
@@ -351,7 +362,8 @@ def federation_from_dict(data: Mapping[str, Any], *, source: str = "<memory>") -
     unknown = sorted(set(data) - set(_SECTIONS) - set(_OPTIONAL_TABLES))
     if unknown:
         raise ConfigError(
-            f"{source}: unknown section [{unknown[0]}]; allowed sections are "
+            f"{source}: unknown section [{unknown[0]}]{did_you_mean(unknown[0], [*_SECTIONS, *_OPTIONAL_TABLES])}; "
+            "allowed sections are "
             + ", ".join(f"[{s}]" for s in [*_SECTIONS, *_OPTIONAL_TABLES])
         )
     built: dict[str, Any] = {}
@@ -421,8 +433,27 @@ def load_federation(path: str | Path, overrides: list[str] | None = None) -> Fed
     overrides
         ``section.key=value`` strings applied on top of the file (CLI ``--set``).
     """
-    raw = apply_overrides(read_toml(path), overrides or [])
-    return federation_from_dict(_absolute_site_files(raw, Path(path).parent), source=str(path))
+    raw = read_toml(path)
+    base = Path(path).parent
+    try:
+        return federation_from_dict(_absolute_site_files(apply_overrides(raw, overrides or []), base), source=str(path))
+    except ConfigError:
+        culprit = _culprit(raw, overrides or [], base, str(path))
+        if culprit is None:
+            raise
+        text, err = culprit
+        where = f"{path}: "  # the error names the --set argument, not the file that holds no such value
+        raise ConfigError(f"--set {text}: {str(err).removeprefix(where)}") from None
+
+
+def _culprit(raw: dict[str, Any], overrides: Sequence[str], base: Path, source: str) -> tuple[str, ConfigError] | None:
+    """The first ``--set`` after which the config no longer loads, with its error; None if the file alone fails."""
+    for i in range(len(overrides) + 1):
+        try:
+            federation_from_dict(_absolute_site_files(apply_overrides(raw, list(overrides[:i])), base), source=source)
+        except ConfigError as exc:
+            return (overrides[i - 1], exc) if i else None
+    return None
 
 
 def _absolute_site_files(raw: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ segmentation metrics take predicted and reference masks (N, 1, *spatial).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,31 @@ from monai.networks.utils import one_hot
 from sklearn import metrics as skm
 
 PRIMARY = {"classification": "accuracy", "tabular": "accuracy", "segmentation": "dice"}
+
+# What ``[run].metric`` may name per task: the metrics every site reports, higher is better
+# (mean, worst site and Jain's index assume it; HD95 is lower-is-better and cannot head a table).
+HEADLINE = {
+    "classification": ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"),
+    "tabular": ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"),
+    "segmentation": ("dice",),
+}
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+
+
+def headline_metric(task: str, chosen: str = "") -> str:
+    """The metric a run's tables lead with: ``chosen`` (``[run].metric``), or the task's default.
+
+    Raises
+    ------
+    ValueError
+        When ``chosen`` is not a higher-is-better metric the task's sites report.
+    """
+    if not chosen:
+        return PRIMARY[task]
+    if chosen not in HEADLINE[task]:
+        why = " (HD95 is lower-is-better: mean and worst site would invert)" if chosen == "hd95" else ""
+        raise ValueError(f"metric must be one of {', '.join(HEADLINE[task])} for a {task} task{why}, got {chosen!r}")
+    return chosen
 
 
 def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -43,10 +68,59 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, 
     return out
 
 
-def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[str, float]:
+def auc_interval(probs: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """95 % interval of a two-class AUC by Hanley & McNeil (1982), clipped to [0, 1].
+
+    SE² = [A(1−A) + (n₁−1)(Q₁−A²) + (n₀−1)(Q₂−A²)] / (n₁ n₀) with Q₁ = A/(2−A), Q₂ = 2A²/(1+A):
+    closed-form, so the end-of-run table needs no resampling. NaN for more than two classes
+    (the macro one-vs-rest AUC has no such formula) or when a class is missing.
+    """
+    if probs.shape[1] != 2:
+        return float("nan"), float("nan")
+    n1 = int((targets == 1).sum())
+    n0 = len(targets) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan"), float("nan")
+    a = float(skm.roc_auc_score(targets, probs[:, 1]))
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = math.sqrt(max(a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a), 0.0) / (n1 * n0))
+    return max(a - Z95 * se, 0.0), min(a + Z95 * se, 1.0)
+
+
+def prediction_checks(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """What the end-of-run table needs to flag a useless classifier: the AUC interval and the classes predicted.
+
+    ``classes_predicted`` counts the distinct argmax classes over the test split (1: the model
+    answers one class whatever it sees, however high its accuracy).
+    """
+    low, high = auc_interval(probs, targets)
+    return {"auc_low": low, "auc_high": high, "classes_predicted": float(len(np.unique(probs.argmax(axis=1))))}
+
+
+def result_flags(metrics: Mapping[str, float]) -> list[str]:
+    """Plain warnings about a site's classification metrics; empty when nothing is suspicious.
+
+    A model that predicts a single class, or whose AUC interval holds 0.5 (it cannot be told
+    apart from chance on this test split), is flagged whatever its accuracy.
+    """
+    flags = []
+    predicted = metrics.get("classes_predicted")
+    if predicted is not None and predicted <= 1:
+        balanced = metrics.get("balanced_accuracy", float("nan"))
+        extra = f" (balanced accuracy {balanced:.2f})" if balanced == balanced else ""
+        flags.append(f"predicts a single class for every test record{extra}")
+    low, high, auc = metrics.get("auc_low"), metrics.get("auc_high"), metrics.get("auc")
+    if low is not None and high is not None and auc is not None and low <= 0.5 <= high:
+        flags.append(f"AUC {auc:.2f} (95% CI {low:.2f}-{high:.2f}) includes 0.5: not distinguishable from chance")
+    return flags
+
+
+def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                         spacing: Sequence[float] | None = None) -> dict[str, float]:
     """Mean foreground Dice and 95% Hausdorff distance (MONAI), over cases with a reference object.
 
-    Cases where both masks are empty count as Dice 1 (correctly found nothing).
+    Cases where both masks are empty count as Dice 1 (correctly found nothing). HD95 is in
+    voxels, or in mm when ``spacing`` (mm per spatial axis, shared by the cases) is given.
     """
     p = one_hot(pred.long(), num_classes)
     t = one_hot(target.long(), num_classes)
@@ -59,7 +133,8 @@ def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: 
     hd95 = float("nan")
     rows = hd_cases.any(dim=1)  # HD is undefined where either mask is empty: leave those cases out
     if rows.any():
-        hd = compute_hausdorff_distance(p[rows], t[rows], include_background=False, percentile=95)
+        hd = compute_hausdorff_distance(p[rows], t[rows], include_background=False, percentile=95,
+                                        spacing=None if spacing is None else [float(s) for s in spacing])
         hd95 = float(hd[hd_cases[rows]].mean())
     return {"dice": float(torch.nanmean(dice)), "hd95": hd95}
 

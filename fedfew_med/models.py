@@ -141,7 +141,9 @@ def build_model(
     if name not in _BUILDERS:
         raise ConfigError(f"[model].name must be one of {', '.join(model_names())}, got {name!r}")
     if TASKS[name] != task:
-        raise ConfigError(f"[model].name {name!r} is a {TASKS[name]} network, but the sites' task is {task!r}")
+        fitting = ", ".join(n for n in model_names() if TASKS[n] == task)
+        raise ConfigError(f"[model].name {name!r} is a {TASKS[name]} network, but the sites' task is {task!r}; "
+                          f"networks for {task!r}: {fitting}")
     with torch.random.fork_rng(devices=[]):  # MONAI initialises from the global RNG; keep it untouched
         torch.manual_seed(seed)
         return _BUILDERS[name](params, in_channels, num_classes, spatial_dims, image_size)

@@ -27,7 +27,7 @@ from fedfew_med import checkpoint
 from fedfew_med.algorithms.base import Params
 from fedfew_med.algorithms.fedfew_collapse import COLLAPSE_SPREAD, collapse_note, model_spread
 from fedfew_med.config import FederationConfig
-from fedfew_med.metrics import PRIMARY, summarize
+from fedfew_med.metrics import headline_metric, result_flags, summarize
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,13 @@ def summarize_run(
     records: Sequence[Mapping[str, Any]],
     evaluation: Mapping[str, Mapping[str, Any]],
     models: Sequence[Params] | None = None,
+    dp_ready: bool = False,
 ) -> dict[str, Any]:
     """The final summary: per-site deployed metrics, mean / worst / Jain, model use, traffic, compute.
+
+    ``dp_ready`` says the run's networks are the DP-ready rewrite (a site trained with DP), which
+    parameter names alone cannot tell (GroupNorm and BatchNorm hold the same weights): recorded
+    so that ``choose-model``, ``predict`` and ``export`` rebuild the network the run trained.
 
     ``compute`` records ``[training].precision`` and the device each site computed on, as the
     site resolved ``[training].device`` (its evaluation entry's ``device``): one name when all
@@ -128,7 +133,7 @@ def summarize_run(
     server ``models`` (K ≥ 2), ``model_use`` says how many distinct models the sites deploy,
     how far apart the K models are, how many were re-seeded, and whether they collapsed.
     """
-    primary = PRIMARY[task]
+    primary = headline_metric(task, config.run.metric)
     per_site = {s: e["metrics"][primary] for s, e in evaluation.items()}
     traffic: dict[str, dict[str, int]] = {s: {"sent": 0, "received": 0} for s in sites}
     for rec in records:
@@ -148,6 +153,7 @@ def summarize_run(
                 "metrics": evaluation[s]["metrics"],
                 "protocol": sites.get(s, {}).get("protocol"),
                 "n_train": sites.get(s, {}).get("n_train"),
+                "flags": result_flags(evaluation[s]["metrics"]),
                 **({"metric_finetuned": evaluation[s]["metrics_finetuned"][primary]} if "metrics_finetuned" in evaluation[s] else {}),
             }
             for s in sorted(evaluation)
@@ -158,6 +164,7 @@ def summarize_run(
         "failures": {str(r["round"]): r["failures"] for r in records if r["failures"]},
         "config_digest": config.digest(),
         "compute": {"device": _devices(evaluation), "precision": config.training.precision},
+        "dp_ready": dp_ready,
     }
     if models is not None and num_models >= 2:
         out["model_use"] = model_use(models, evaluation, records)
@@ -215,6 +222,14 @@ def summary_table(s: Mapping[str, Any]) -> str:
     for site, status in s.get("site_status", {}).items():
         if status != "evaluated":
             lines.append(f"{site}: {status}")
+    for site, row in s["per_site"].items():  # a high accuracy can hide a model that learned nothing
+        lines.extend(f"warning: {site} {flag}" for flag in row.get("flags", []))
+    native = [r["metrics"] for r in s["per_site"].values() if "dice_native" in r.get("metrics", {})]
+    if native:  # segmentation scored on each scan's own grid, HD95 in mm
+        hd = [m["hd95_native_mm"] for m in native if m["hd95_native_mm"] == m["hd95_native_mm"]]
+        lines.append(f"as acquired (each test scan's own grid, {len(native)} site(s)): mean Dice "
+                     f"{sum(m['dice_native'] for m in native) / len(native):.3f}"
+                     + (f", mean HD95 {sum(hd) / len(hd):.2f} mm" if hd else ""))
     if "model_use" in s:
         lines.append(f"models: {s['model_use']['note']}")
     if has_ft:

@@ -29,9 +29,15 @@ from fedfew_med.algorithms import (
     SiteReply,
     build_algorithm,
 )
-from fedfew_med.config import FederationConfig
+from fedfew_med.config import ConfigError, FederationConfig
 from fedfew_med.data import SiteData
-from fedfew_med.metrics import classification_metrics, segmentation_metrics
+from fedfew_med.data.native import native_metrics
+from fedfew_med.metrics import (
+    classification_metrics,
+    headline_metric,
+    prediction_checks,
+    segmentation_metrics,
+)
 from fedfew_med.models import buffers_of, build_model, parameters_of
 from fedfew_med.training import SiteState, SiteWork, derive_seed
 
@@ -90,7 +96,15 @@ def network_factory(config: FederationConfig, facts: ModelFacts, prepare: Networ
 
 def make_algorithm(config: FederationConfig, facts: ModelFacts,
                    prepare: NetworkPreparer | None = None) -> tuple[Algorithm, list[Params]]:
-    """The configured algorithm and its initial server models (deterministic in the run seed)."""
+    """The configured algorithm and its initial server models (deterministic in the run seed).
+
+    Also where ``[run].metric`` meets the sites' task, since every run (simulation, Flower
+    coordinator, evaluation) builds its algorithm here.
+    """
+    try:
+        headline_metric(facts.task, config.run.metric)
+    except ValueError as exc:
+        raise ConfigError(f"{config.source}: [run].{exc}") from None
     algorithm = build_algorithm(config.algorithm.name, config.algorithm.params, seed=config.run.seed,
                                 where=f"{config.source}: [algorithm]")
     factory = network_factory(config, facts, prepare)
@@ -310,11 +324,17 @@ class SiteRuntime:
         return reply
 
     def evaluate(self, models: Sequence[Params], round_idx: int) -> dict[str, Any]:
-        """The deployed model's test metrics (and after fine-tuning, if configured); state is untouched."""
+        """The deployed model's test metrics (and after fine-tuning, if configured); state is untouched.
+
+        At the final round a segmentation site read from NIfTI files is also scored as acquired,
+        on each test volume's own grid (``dice_native``, ``hd95_native_mm``: :mod:`fedfew_med.data.native`).
+        """
         work = self.work(round_idx, self.state.copy(), factory=self.eval_work_factory)
         dep = self.algorithm.deploy(self.name, models, work)
         entry: dict[str, Any] = {"model": dep.model_index, "scores": list(dep.scores), "device": str(work.device)}
         entry["metrics"] = score(work, dep.params, dep.slot)
+        if round_idx == self.config.run.rounds - 1 and self.data.task == "segmentation":
+            entry["metrics"].update(native_metrics(work.deployed_network(dep.params, slot=dep.slot), self.data))
         ft_epochs = self.config.run.finetune_eval_epochs
         if ft_epochs:
             tuned = work.train(dep.params, slot="eval_finetune", from_slot=dep.slot, epochs=ft_epochs)
@@ -326,7 +346,8 @@ def score(work: SiteWork, params: Params, slot: str) -> dict[str, float]:
     """Test-split metrics of ``params`` for the site's task."""
     probs, targets = work.predict(params, slot=slot, split="test")
     if work.data.task in ("classification", "tabular"):
-        return classification_metrics(probs.numpy(), targets.numpy())
+        p, t = probs.numpy(), targets.numpy()
+        return {**classification_metrics(p, t), **prediction_checks(p, t)}
     return segmentation_metrics(probs.argmax(dim=1, keepdim=True), targets, probs.shape[1])
 
 

@@ -57,7 +57,7 @@ from fedfew_med.dp.chain import open_chain
 from fedfew_med.dp.ledger import LedgerStateError
 from fedfew_med.dp.server import ServerDP
 from fedfew_med.dp.site import SitePrivacy
-from fedfew_med.metrics import PRIMARY, summarize
+from fedfew_med.metrics import headline_metric, summarize
 from fedfew_med.rundir import RunDirError
 from fedfew_med.runtime import (
     ModelFacts,
@@ -82,6 +82,11 @@ class Callbacks:
     on_round_start: Callable[[int, Sequence[str]], None] | None = None
     on_site_done: Callable[[int, str], None] | None = None
     on_round_end: Callable[[dict[str, Any]], None] | None = None
+    # loading the site files (half a minute for the demo): (message, steps done, steps in all)
+    on_load: Callable[[str, int, int], None] | None = None
+    # the deployed models' evaluation (a minute on the demo's last round): its start, then each site done
+    on_evaluate_start: Callable[[int, Sequence[str]], None] | None = None
+    on_site_evaluated: Callable[[int, str], None] | None = None
 
 
 @dataclass
@@ -148,7 +153,9 @@ class Federation:
         facts = ModelFacts.common(sites)
         self.task = facts.task
         prepare = dp_federation.network_preparer(config, sites)
-        algorithm, models = make_algorithm(config, facts, prepare)
+        self.dp_ready = prepare is not None  # every network is the DP-ready rewrite (a site trains with DP)
+        algorithm, models = make_algorithm(config, facts, prepare)  # also checks [run].metric against the task
+        self.metric = headline_metric(self.task, config.run.metric)
         algorithm = dp_federation.with_server_dp(algorithm, config)
         self.server = ServerRuntime(config, algorithm, models)
         self.sites = local_runtimes(config, sites, algorithm, work_factory, prepare)
@@ -322,11 +329,13 @@ class Federation:
         assert call.result is not None  # done without an error means a result
         return call.result
 
-    def evaluate(self, round_idx: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    def evaluate(self, round_idx: int, on_site: Callable[[int, str], None] | None = None,
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Every site's deployed model on its test split, and why each site that could not be evaluated failed.
 
         A site whose evaluation raises (its files went bad mid-run, say) is left out of this
-        round's metrics and named in the second dict; the federation goes on.
+        round's metrics and named in the second dict; the federation goes on. ``on_site`` is
+        called with the round and the site as each site's evaluation comes back.
         """
         evaluation: dict[str, dict[str, Any]] = {}
         failures: dict[str, str] = {}
@@ -341,6 +350,8 @@ class Federation:
                 log.warning("round %d: site %s not evaluated: %s", round_idx, name, failures[name])
             else:
                 evaluation[name] = outcome
+            if on_site:
+                on_site(round_idx, name)
         return evaluation, failures
 
     def _evaluate_site(self, name: str, round_idx: int) -> dict[str, Any] | Exception:
@@ -360,6 +371,7 @@ def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation
         records=records,
         evaluation=evaluation,
         models=fed.models,
+        dp_ready=fed.dp_ready,
     )
 
 
@@ -426,7 +438,7 @@ def _run(
 ) -> SimulationResult:
     """:func:`run` under the run directory's lock."""
     cb = callbacks or Callbacks()
-    fed = Federation(config, sites if sites is not None else build_sites(config.data, source=config.source))
+    fed = Federation(config, sites if sites is not None else build_sites(config.data, source=config.source, progress=cb.on_load))
     check_workers(config, workers, private_sites=sorted(fed.privacy))  # before the run directory is touched
     chain = None  # privacy_ledger.jsonl (fedfew_med.dp.chain): checked before open_run_dir changes anything
     if fed.privacy or fed.server_dp is not None:
@@ -485,7 +497,9 @@ def _run(
             last = r == config.run.rounds - 1
             eval_failures: dict[str, str] = {}
             if last or r % config.run.eval_every == 0 or r == end - 1:
-                evaluation, eval_failures = fed.evaluate(r)
+                if cb.on_evaluate_start:
+                    cb.on_evaluate_start(r, sorted(fed.sites))
+                evaluation, eval_failures = fed.evaluate(r, cb.on_site_evaluated)
             record = {
                 "round": r,
                 "participants": participants,
@@ -495,7 +509,7 @@ def _run(
                 "site_info": site_info,
                 "assignments": {s: e["model"] for s, e in evaluation.items()},
                 "metrics": {s: e["metrics"] for s, e in evaluation.items()},
-                "summary": summarize({s: e["metrics"][PRIMARY[fed.task]] for s, e in evaluation.items()}),
+                "summary": summarize({s: e["metrics"][fed.metric] for s, e in evaluation.items()}),
                 "bytes": traffic,
                 "seconds": round(time.perf_counter() - t0, 4),
             }

@@ -9,7 +9,9 @@ labels are, what the labels mean, how to preprocess and how to split::
                      images, labels, datalist, datalist_key, links
     [labels]         names (value i means names[i]; at least two)
     [preprocessing]  spatial_size, spacing, orientation, intensity, a_min, a_max,
-                     crop_foreground, patches_per_image, augment, cache, channels
+                     crop_foreground, patches_per_image, augment, cache, channels,
+                     volume_4d (refuse | channels | first),
+                     missing (tabular: refuse | mean | median)
     [split]          seed, val_fraction, test_fraction (with a split column: val carved from
                      its train rows when it marks none as val)
     [privacy]        any table; validated by the DP module
@@ -44,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedfew_med.config import ConfigError, build_dataclass, read_toml, require
+from fedfew_med.config import ConfigError, build_dataclass, did_you_mean, read_toml, require
 
 SourceKind = Literal["nifti_folder", "dicom_series", "images_csv", "msd_datalist", "tabular_csv"]
 SiteTask = Literal["classification", "segmentation", "tabular"]
+Volume4D = Literal["refuse", "channels", "first"]  # how an image with a 4th axis (X, Y, Z, T) is read
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _AXES = ("LR", "AP", "SI")
 
@@ -135,6 +138,12 @@ class PreprocessingSection:
     augment: bool = False  # random flips, 90-degree rotations and noise, train split only
     cache: Literal["memory", "none"] = "memory"  # keep the deterministic prefix in memory
     channels: int = 0  # 0 keeps the stored channels; 1 averages colour to grey; 3 repeats grey
+    # a NIfTI image with a 4th axis of T > 1 volumes (time, echoes, b-values): refused, its T volumes
+    # read as T input channels, or its first volume only; labels must be 3-D whatever this says
+    volume_4d: Volume4D = "refuse"
+    # tabular: a missing cell (see fedfew_med.data.tables.MISSING) refuses the row, or is imputed with
+    # the column's mean / median over the site's own train split (never val or test)
+    missing: Literal["refuse", "mean", "median"] = "refuse"
 
     def __post_init__(self) -> None:
         size = list(self.spatial_size)
@@ -372,6 +381,16 @@ def _check_task(file: str, site: SiteSection, source: SourceSection, pre: Prepro
         raise ConfigError(
             f"{file}: [preprocessing].spatial_size is required for task {site.task!r}, got nothing"
         )
+    if site.task != "tabular" and pre.missing != "refuse":
+        raise ConfigError(
+            f"{file}: [preprocessing].missing must be 'refuse' for task {site.task!r} "
+            f"(imputation applies to tabular data only), got {pre.missing!r}"
+        )
+    repeated = sorted({c for c in source.feature_columns if source.feature_columns.count(c) > 1})
+    if repeated:
+        raise ConfigError(
+            f"{file}: [source].feature_columns must name each column once, got {repeated} more than once"
+        )
     if site.task == "tabular" and pre.intensity == "window":
         raise ConfigError(
             f"{file}: [preprocessing].intensity must be 'minmax', 'zscore' or 'none' for tabular data, got 'window'"
@@ -401,7 +420,8 @@ def site_config_from_dict(
     unknown = sorted(set(data) - set(_SECTIONS) - {"privacy"})
     if unknown:
         allowed = ", ".join(f"[{s}]" for s in [*_SECTIONS, "privacy"])
-        raise ConfigError(f"{file}: unknown section [{unknown[0]}]; allowed sections are {allowed}")
+        hint = did_you_mean(unknown[0], [*_SECTIONS, "privacy"])
+        raise ConfigError(f"{file}: unknown section [{unknown[0]}]{hint}; allowed sections are {allowed}")
     built: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         if name not in data:

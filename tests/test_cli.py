@@ -114,3 +114,32 @@ def _toml(data: dict) -> str:
     for name, section in data.items():
         table(name, section)
     return "\n".join(lines) + "\n"
+
+
+def test_progress_covers_evaluation_and_the_table_starts_on_its_own_line(tmp_path):
+    import tomli_w
+
+    from tests.conftest import tiny_dict
+
+    cfg = tmp_path / "fed.toml"
+    cfg.write_bytes(tomli_w.dumps(tiny_dict(run={"rounds": 2})).encode())
+    # stdout and stderr in one pipe, as a terminal shows them; the table is printed after the bars close
+    proc = subprocess.run([sys.executable, "-m", "fedfew_med.cli", "simulate", str(cfg), "--output", str(tmp_path / "r"),
+                           "--progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=True,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    bars, table = proc.stdout.split("site               protocol", 1)
+    assert "round 1 evaluation" in bars and "rounds: 100%" in bars
+    assert bars.endswith("\n"), repr(bars[-80:])  # not after a cursor-up left by the inner bar
+    assert table.splitlines()[0].split() == ["n_train", "model", "accuracy"]
+
+
+def test_a_bad_set_argument_is_blamed_on_the_set_argument(tmp_path, capsys):
+    import tomli_w
+
+    from tests.conftest import tiny_dict
+
+    cfg = tmp_path / "fed.toml"
+    cfg.write_bytes(tomli_w.dumps(tiny_dict()).encode())
+    assert main(["simulate", str(cfg), "--set", "run.rounds=three"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedfew-med: error: --set run.rounds=three: [run]") and "fed.toml" not in err[0]

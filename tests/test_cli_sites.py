@@ -62,3 +62,16 @@ def test_training_refuses_a_site_that_fails_validation(tmp_path, capsys):
     assert main(["simulate", str(fed), "-o", str(tmp_path / "run"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "site1" in err and bad.name in err
+
+
+def test_loading_site_files_shows_progress(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fed = _federation(tmp_path, n_sites=2)
+    proc = subprocess.run([sys.executable, "-m", "fedfew_med.cli", "simulate", str(fed), "--output", str(tmp_path / "r"),
+                           "--progress", "--set", "run.rounds=1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    # two steps per site: its files checked, then preprocessed
+    assert "loading sites" in proc.stdout and "4/4" in proc.stdout and "site1: preprocessed" in proc.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import tomli_w
 
 from fedfew_med.config import (
     ConfigError,
@@ -87,3 +88,49 @@ def test_load_federation_file_errors(tmp_path):
     typo.write_text('[run]\nrunds = 2\n[algorithm]\nname = "fedavg"\n[model]\nname = "classifier"\n[data]\nname = "synthetic"\n')
     with pytest.raises(ConfigError, match=r"typo.toml: \[run\]: unknown key 'runds'"):
         load_federation(typo)
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({"run": {"roundz": 3}}, "unknown key 'roundz' (did you mean 'rounds'?); allowed keys are"),
+        ({"training": {"learning_rate": 0.1}}, "unknown key 'learning_rate'; allowed keys are"),  # nothing close
+        ({"algorithm": {"params": {"kk": 2}}}, "unknown key 'kk' (did you mean 'k'?)"),
+        ({"trainig": {"lr": 0.1}}, "unknown section [trainig] (did you mean 'training'?)"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_allowed_one(sections, expected, tmp_path):
+    from fedfew_med.algorithms import build_algorithm
+
+    with pytest.raises(ConfigError) as err:
+        cfg = federation_from_dict(tiny_dict(**sections), source="tiny.toml")
+        build_algorithm(cfg.algorithm.name, cfg.algorithm.params, seed=0, where="tiny.toml: [algorithm]")
+    assert expected in str(err.value)
+
+
+def _write_tiny(path):
+    path.write_bytes(tomli_w.dumps(TINY).encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["run.rounds=three"], "--set run.rounds=three: [run]"),
+        (["run.seed=1", "run.roundz=3"], "--set run.roundz=3: [run]: unknown key 'roundz' (did you mean 'rounds'?)"),
+        (["training.lr=-1"], "--set training.lr=-1: [training]"),
+    ],
+)
+def test_a_bad_set_argument_is_named_not_the_file(overrides, expected, tmp_path):
+    path = _write_tiny(tmp_path / "ok.toml")
+    with pytest.raises(ConfigError) as err:
+        load_federation(path, overrides)
+    assert str(err.value).startswith(expected) and "ok.toml" not in str(err.value)
+
+
+def test_a_bad_file_is_still_blamed_on_the_file_whatever_the_set_arguments(tmp_path):
+    bad = dict(TINY, run={**TINY["run"], "rounds": 0})
+    path = tmp_path / "bad.toml"
+    path.write_bytes(tomli_w.dumps(bad).encode())
+    with pytest.raises(ConfigError, match=r"^.*bad.toml: \[run\]"):
+        load_federation(path, ["run.seed=1"])

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedfew_med.metrics import classification_metrics, jain_index, segmentation_metrics, summarize
+from fedfew_med.metrics import (
+    auc_interval,
+    classification_metrics,
+    headline_metric,
+    jain_index,
+    prediction_checks,
+    result_flags,
+    segmentation_metrics,
+    summarize,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,3 +67,56 @@ def test_dice_by_hand():
 def test_summarize():
     s = summarize({"a": 0.9, "b": 0.6, "c": float("nan")})
     assert s["mean"] == pytest.approx(0.75) and s["worst"] == 0.6 and s["best"] == 0.9
+
+
+def test_auc_interval_by_hand():
+    # positives score 0.9, 0.8, 0.4 and negatives 0.7, 0.3, 0.2: 8 of 9 pairs ordered, A = 8/9.
+    # Hanley & McNeil: Q1 = A/(2-A) = 0.8, Q2 = 2A²/(1+A) = 128/153,
+    # SE² = (A(1-A) + 2(Q1-A²) + 2(Q2-A²)) / 9 = (0.098765 + 0.019753 + 0.092956) / 9, SE = 0.153288
+    scores = np.array([0.9, 0.8, 0.4, 0.7, 0.3, 0.2])
+    probs = np.stack([1 - scores, scores], axis=1)
+    targets = np.array([1, 1, 1, 0, 0, 0])
+    low, high = auc_interval(probs, targets)
+    assert classification_metrics(probs, targets)["auc"] == pytest.approx(8 / 9)
+    assert low == pytest.approx(8 / 9 - 1.959964 * 0.153288, abs=1e-5)
+    assert high == 1.0  # 8/9 + 0.30 is clipped
+    assert all(math.isnan(v) for v in auc_interval(probs, np.ones(6, dtype=int)))  # one class: no interval
+    assert all(math.isnan(v) for v in auc_interval(np.full((4, 3), 1 / 3), np.array([0, 1, 2, 0])))
+
+
+@pytest.mark.parametrize(
+    ("scores", "targets", "expected"),
+    [
+        # ranks perfectly (AUC 1) yet calls every record negative: accuracy 0.8, balanced accuracy 0.5
+        ([0.1, 0.2, 0.3, 0.4, 0.45] * 2, [0, 0, 0, 0, 1, 0, 0, 0, 0, 1], ["predicts a single class"]),
+        # the majority class whatever it sees, with scores no better than chance
+        ([0.1, 0.3, 0.2, 0.4, 0.1, 0.3, 0.2, 0.4], [1, 0, 0, 0, 0, 1, 0, 1], ["predicts a single class", "includes 0.5"]),
+        # perfect ranking on 40 records: nothing to flag
+        (list(np.linspace(0.01, 0.99, 40)), [0] * 20 + [1] * 20, []),
+        # a coin: both classes predicted, AUC near 0.5
+        ([0.2, 0.8, 0.3, 0.7, 0.6, 0.4, 0.9, 0.1], [0, 0, 1, 1, 0, 1, 1, 0], ["includes 0.5"]),
+    ],
+)
+def test_result_flags(scores, targets, expected):
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    probs = np.stack([1 - scores, scores], axis=1)
+    flags = result_flags({**classification_metrics(probs, targets), **prediction_checks(probs, targets)})
+    assert len(flags) == len(expected) and all(want in got for want, got in zip(expected, flags, strict=True)), flags
+
+
+@pytest.mark.parametrize(
+    ("task", "chosen", "expected"),
+    [
+        ("classification", "", "accuracy"),
+        ("tabular", "balanced_accuracy", "balanced_accuracy"),
+        ("segmentation", "", "dice"),
+        ("segmentation", "hd95", "lower-is-better"),
+        ("classification", "dice", "must be one of accuracy, balanced_accuracy, auc, sensitivity, specificity"),
+    ],
+)
+def test_headline_metric(task, chosen, expected):
+    if expected in ("accuracy", "balanced_accuracy", "dice"):
+        assert headline_metric(task, chosen) == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            headline_metric(task, chosen)

@@ -252,3 +252,27 @@ def test_reseeding_is_recorded_and_resumes_to_the_bit(tmp_path):
     state = json.loads((tmp_path / "split/checkpoints/LATEST").read_text().strip() and
                        (tmp_path / "split/checkpoints" / (tmp_path / "split/checkpoints/LATEST").read_text().strip() / "state.json").read_text())
     assert state["state"]["algorithm"]["idle"] == straight.records[-1]["server"]["idle_rounds"]
+
+
+def test_the_headline_metric_is_chosen_by_run_metric_and_useless_models_are_flagged(tmp_path):
+    from fedfew_med.config import ConfigError
+    from fedfew_med.rundir import summary_table
+
+    result = run(_config(run={"rounds": 1, "metric": "balanced_accuracy"}), run_dir=tmp_path / "r")
+    s = result.summary
+    assert s["metric"] == "balanced_accuracy"
+    for row in s["per_site"].values():
+        m = row["metrics"]
+        assert row["metric"] == m["balanced_accuracy"]
+        assert {"auc_low", "auc_high", "classes_predicted"} <= set(m)
+        # the flags follow the metrics: one class predicted, or an AUC interval holding 0.5
+        single = m["classes_predicted"] == 1
+        chance = m["auc_low"] <= 0.5 <= m["auc_high"]
+        assert [("single class" in f, "includes 0.5" in f) for f in row["flags"]] == \
+            [(True, False)] * single + [(False, True)] * chance
+    table = summary_table(s)
+    assert table.splitlines()[0].split()[-1] == "balanced_accuracy"
+    assert table.count("warning: ") == sum(len(r["flags"]) for r in s["per_site"].values())
+    with pytest.raises(ConfigError, match=r"tiny.toml: \[run\].metric must be one of accuracy, .*lower-is-better.*'hd95'"):
+        run(_config(run={"rounds": 1, "metric": "hd95"}), run_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -92,3 +92,17 @@ def test_named_cnn_parameter_counts(name, expected):
 def test_pflcnn_refuses_an_input_too_small_for_its_unpadded_convolutions():
     with pytest.raises(ConfigError, match="too small"):
         build_model("pflcnn", {}, task="classification", in_channels=1, num_classes=2, spatial_dims=2, image_size=12, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "listed"),
+    [
+        ("classifier", "tabular", "networks for 'tabular': logreg, mlp"),
+        ("unet", "classification", "networks for 'classification': classifier, densenet121, pflcnn, resnet18, smallcnn"),
+        ("mlp", "segmentation", "networks for 'segmentation': basicunet, unet"),
+    ],
+)
+def test_a_network_for_another_task_is_refused_with_the_networks_that_fit(name, task, listed):
+    with pytest.raises(ConfigError, match=f"is a .* network, but the sites' task is '{task}'") as err:
+        build_model(name, {}, task=task, in_channels=1, num_classes=2, spatial_dims=2, image_size=16, seed=0)
+    assert str(err.value).endswith(listed)

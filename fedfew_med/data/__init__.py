@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedfew_med.config import ConfigError, NamedConfig, build_dataclass, require
-from fedfew_med.data.base import SiteData, Split
+from fedfew_med.data.base import Progress, SiteData, Split
 from fedfew_med.data.synthetic import SyntheticOptions, make_synthetic_federation
 
-__all__ = ["SiteData", "SitesOptions", "Split", "SyntheticOptions", "build_sites", "make_synthetic_federation"]
+__all__ = ["Progress", "SiteData", "SitesOptions", "Split", "SyntheticOptions", "build_sites", "make_synthetic_federation"]
 
 SOURCES = ("synthetic", "sites")
 
@@ -31,7 +31,7 @@ class SitesOptions:
         require(len(self.files) >= 1, "files", "list at least one site file", list(self.files))
 
 
-def build_sites(data: NamedConfig, *, source: str = "<memory>") -> list[SiteData]:
+def build_sites(data: NamedConfig, *, source: str = "<memory>", progress: Progress | None = None) -> list[SiteData]:
     """Build the federation's sites from the ``[data]`` section (``name`` picks the source).
 
     Relative site-file paths are taken from the folder of ``source`` (the federation file);
@@ -45,5 +45,5 @@ def build_sites(data: NamedConfig, *, source: str = "<memory>") -> list[SiteData
 
         sites = build_dataclass(SitesOptions, data.params, where=f"{source}: [data.params]")
         base = Path(source).parent if source != "<memory>" else Path(".")
-        return load_sites(list(sites.files), base)
+        return load_sites(list(sites.files), base, progress)
     raise ConfigError(f"{source}: [data].name must be one of {', '.join(SOURCES)}, got {data.name!r}")

@@ -10,7 +10,7 @@ DICOM, 2D + CSV) fill the same contract.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 Split = Literal["train", "val", "test"]
+Progress = Callable[[str, int, int], None]  # (message, steps done, steps in all), for a progress bar
 Task = Literal["classification", "segmentation", "tabular"]
 
 

@@ -18,6 +18,14 @@ folder                 ``SeriesDicomReader`` (one series, stacked)
 ``.jpg``, ``.bmp``...  ``PILReader``, only when Pillow is installed
 anything else          ``SeriesDicomReader`` if it is a DICOM file
 =====================  ==========================================
+
+Two NIfTI defects are named here rather than left to the stock errors: a header that
+declares more voxel data than the file holds (a truncated file or a lying header:
+both sizes and the path are given, where nibabel's own message can stop at "from"),
+and a 4th axis of several volumes (time, echoes, diffusion directions), which
+MONAI would silently turn into channels. How the latter is read is the site's
+choice, ``[preprocessing].volume_4d``: refused (the default), as channels, or by
+its first volume.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from fedfew_med.data.dicom import SeriesDicomReader
 from fedfew_med.data.png import PNGReader
-from fedfew_med.site_config import MAX_VOXELS
+from fedfew_med.site_config import MAX_VOXELS, Volume4D
 
 _PIL_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -85,6 +93,10 @@ class ReaderSet:
         raise ValueError(f"unknown image format {suffix or path.name!r} (not NIfTI, DICOM, PNG or NumPy)")
 
 
+class RefusedVolume(ValueError):
+    """A readable image refused for its layout (a 4-D NIfTI under ``volume_4d = "refuse"``)."""
+
+
 def _check_gzip(path: Path) -> None:
     """Raise ``ValueError`` saying why when ``path`` is a ``.gz`` file whose stream is corrupt."""
     if not path.name.lower().endswith(".gz"):
@@ -97,11 +109,108 @@ def _check_gzip(path: Path) -> None:
         raise ValueError(f"corrupt gzip file ({type(exc).__name__}: {exc})") from None
 
 
-def read_image(path: str | Path | Sequence[str | Path], readers: ReaderSet) -> MetaTensor:
+def _extra_volumes(shape: tuple[int, ...]) -> int:
+    """Volumes along the axes after the three spatial ones of a NIfTI shape (1 for 2-D and 3-D)."""
+    return math.prod(shape[3:])
+
+
+def _short_data(path: Path, image: Any) -> str | None:
+    """Why ``path`` cannot hold the voxel data its NIfTI header declares; ``None`` when it can.
+
+    Also ``None`` when the file cannot be measured (a corrupt gzip stream): the reader's
+    own error then says more.
+    """
+    header = image.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    dtype = header.get_data_dtype()
+    # the proxy's offset is where nibabel reads from (a loaded header may say vox_offset 0)
+    offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
+    declared = math.prod(shape) * dtype.itemsize
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        if compressed:
+            size = 0
+            with gzip.open(path) as fh:
+                while chunk := fh.read(1 << 20):
+                    size += len(chunk)
+        else:
+            size = path.stat().st_size
+    except (OSError, EOFError, zlib.error):
+        return None
+    held = max(size - offset, 0)
+    if held >= declared:
+        return None
+    where = f"{path} holds only {held}" + (" once decompressed" if compressed else "")
+    return (
+        f"truncated file or lying header: the NIfTI header declares shape {shape} of {dtype.name}, "
+        f"{declared} bytes of voxel data after its {offset}-byte header, but {where}"
+    )
+
+
+def _named_short_data(images: list[Any], paths: list[Path]) -> None:
+    """Raise ``ValueError`` naming the first of ``paths`` that holds less data than its header declares."""
+    for image, path in zip(images, paths, strict=True):
+        why = _short_data(path, image)
+        if why:
+            raise ValueError(why) from None
+
+
+def _nifti_volumes(images: list[Any], paths: list[Path], volume_4d: Volume4D) -> list[Any]:
+    """Apply ``volume_4d`` to NIfTI images with several volumes beyond their 3 spatial axes.
+
+    ``"channels"`` leaves them to MONAI (volumes become channels), ``"refuse"`` raises
+    :class:`RefusedVolume`, ``"first"`` replaces each by an in-memory image of its first volume.
+    """
+    out = []
+    for image, path in zip(images, paths, strict=True):
+        shape = tuple(int(n) for n in image.shape)
+        volumes = _extra_volumes(shape)
+        if volumes == 1 or volume_4d == "channels":  # (X, Y, Z, 1) is a 3-D image: nothing to choose
+            out.append(image)
+            continue
+        if volume_4d == "refuse":
+            what = "image" if len(images) == 1 else f"image file {path.name}"  # which modality of several
+            raise RefusedVolume(
+                f"{what} is 4-D, shape {shape}: {volumes} volumes beyond its 3 spatial axes (a time series, "
+                "echoes, diffusion directions?), and [preprocessing].volume_4d is 'refuse'; set it to "
+                "'channels' (each volume one input channel) or 'first' (the first volume only)"
+            )
+        try:  # all of it, so that a truncated file is caught here as in every other read
+            data = np.asanyarray(image.dataobj)
+        except (OSError, ValueError):
+            _named_short_data([image], [path])
+            raise
+        first = data[(slice(None),) * 3 + (0,) * (len(shape) - 3)]  # (X, Y, Z)
+        out.append(type(image)(first, image.affine, image.header))
+    return out
+
+
+def read_image(
+    path: str | Path | Sequence[str | Path], readers: ReaderSet, *, volume_4d: Volume4D = "refuse"
+) -> MetaTensor:
     """Read one image as a channel-first float32 ``MetaTensor`` (C, *spatial) with its affine.
 
     Several paths (an MSD entry listing one file per modality) are read by the first
     path's reader and stacked as channels.
+
+    Parameters
+    ----------
+    path
+        The file, DICOM series folder, or list of files (one per channel).
+    readers
+        The readers to use (see :class:`ReaderSet`).
+    volume_4d
+        What to do with a NIfTI file holding several volumes along a 4th axis:
+        ``"refuse"`` it, read the volumes as ``"channels"``, or keep the ``"first"``
+        volume. Other formats are unaffected (an RGB PNG keeps its 3 channels).
+
+    Raises
+    ------
+    RefusedVolume
+        A 4-D NIfTI with ``volume_4d = "refuse"``.
+    ValueError
+        A file that declares more than :data:`~fedfew_med.site_config.MAX_VOXELS` voxels,
+        or less voxel data than its header declares, among other reader failures.
     """
     paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
     reader = readers.for_path(paths[0])
@@ -112,15 +221,24 @@ def read_image(path: str | Path | Sequence[str | Path], readers: ReaderSet) -> M
         for p in paths:
             _check_gzip(p)
         raise
-    if reader is readers.nifti:  # the header's shape, before a byte of voxel data is allocated
-        for header_img in img if isinstance(img, list) else [img]:
+    nifti = reader is readers.nifti
+    images: list[Any] = img if isinstance(img, list) else [img]
+    if nifti:  # the header's shape, before a byte of voxel data is allocated
+        for header_img in images:
             shape: tuple[int, ...] = tuple(int(n) for n in getattr(header_img, "shape", ()))
             if math.prod(shape) > MAX_VOXELS:
                 raise ValueError(
                     f"the NIfTI header declares shape {shape} ({math.prod(shape):.3g} voxels), "
                     f"more than {MAX_VOXELS}; refusing to allocate it"
                 )
-    array, meta = reader.get_data(img)
+        images = _nifti_volumes(images, paths, volume_4d)
+        img = images if isinstance(img, list) else images[0]
+    try:
+        array, meta = reader.get_data(img)
+    except (OSError, ValueError):
+        if nifti:
+            _named_short_data(images, paths)
+        raise
     array = np.asarray(array, dtype=np.float32)  # also makes big-endian data native
     meta = switch_endianness(meta, "<")  # NIfTI headers may be big-endian; torch refuses those arrays
     meta[ImageMetaKey.FILENAME_OR_OBJ] = names[0]
@@ -133,16 +251,19 @@ def read_image(path: str | Path | Sequence[str | Path], readers: ReaderSet) -> M
 class ReadImaged(MapTransform):
     """Dictionary transform: replace the paths under ``keys`` with their images (see :func:`read_image`)."""
 
-    def __init__(self, keys: Sequence[Hashable], readers: ReaderSet | None = None) -> None:
+    def __init__(
+        self, keys: Sequence[Hashable], readers: ReaderSet | None = None, *, volume_4d: Volume4D = "refuse"
+    ) -> None:
         super().__init__(keys)
         self.readers = readers or ReaderSet()
+        self.volume_4d: Volume4D = volume_4d  # see read_image
         self.failure = ""  # the last file that could not be read, and why (shown by repr)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
         for key in self.key_iterator(out):
             try:
-                out[key] = read_image(out[key], self.readers)
+                out[key] = read_image(out[key], self.readers, volume_4d=self.volume_4d)
             except Exception as exc:
                 first = out[key] if isinstance(out[key], (str, Path)) else out[key][0]
                 self.failure = f"{str(first)!r}: {type(exc).__name__}: {exc}"

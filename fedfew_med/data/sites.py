@@ -5,12 +5,22 @@ split (seeded and stratified, or by the split column) -> datasets. Image splits
 are MONAI ``CacheDataset``s of the deterministic prefix (``cache = "memory"``,
 one thread: sites are loaded one after another on small machines) with the
 random transforms applied on access; patch sampling wraps them in
-:mod:`fedfew_med.data.patches`. Tabular splits are in-memory tensors scaled with
-train-split statistics.
+:mod:`fedfew_med.data.patches`. Tabular splits are in-memory tensors, with missing
+cells imputed (``[preprocessing].missing``) and features scaled, both with
+train-split statistics only.
+
+Tables are matched by column name, never by position: a federation's tabular sites
+(:func:`load_sites`) must have the same feature columns, and every site's feature
+vectors follow one common order, the first site's (its ``[source].feature_columns``,
+or its CSV's order). A site whose CSV lists the columns in another order is
+reordered to it; a missing or extra column stops the federation, naming the site,
+its CSV file and the columns. A site loaded alone (a Flower SuperNode) records its
+order in ``metadata["features"]``, which the coordinator compares across sites.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +33,13 @@ from monai.data import Dataset as MonaiDataset
 from torch.utils.data import Dataset
 
 from fedfew_med.config import ConfigError
-from fedfew_med.data.base import SiteData
+from fedfew_med.data.base import Progress, SiteData
 from fedfew_med.data.patches import GridPatches, RandomPatches
 from fedfew_med.data.readers import ReaderSet
-from fedfew_med.data.sources import Item
+from fedfew_med.data.sources import Item, feature_names
 from fedfew_med.data.synthetic import TensorDictDataset
-from fedfew_med.data.transforms import augmentation_seed, build_pipeline, scale_features
+from fedfew_med.data.tables import Problem, feature_mismatch
+from fedfew_med.data.transforms import augmentation_seed, build_pipeline, impute_features, scale_features
 from fedfew_med.data.validate import Inspection, ValidationReport, inspect_site
 from fedfew_med.site_config import SiteConfig, SiteConfigError, load_site_config
 
@@ -72,12 +83,43 @@ def _tabular_splits(
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
         stack(splits[s]) for s in ("train", "val", "test")
     )
-    x_train, (x_val, x_test), stats = scale_features(x_train, [x_val, x_test], cfg.preprocessing.intensity)
+    pre = cfg.preprocessing
+    extra: dict[str, Any] = {"features": feature_names(cfg) or []}
+    if pre.missing != "refuse":  # before scaling: the scaling statistics must not see NaN
+        x_train, (x_val, x_test), filled = impute_features(x_train, [x_val, x_test], pre.missing)
+        extra.update(missing=pre.missing, imputed_with=filled)
+    x_train, (x_val, x_test), stats = scale_features(x_train, [x_val, x_test], pre.intensity)
     datasets: dict[str, Dataset[Any]] = {
         name: TensorDictDataset(torch.from_numpy(x), torch.from_numpy(y))
         for name, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test))
     }
-    return datasets, {"feature_scaling": cfg.preprocessing.intensity, **stats}
+    return datasets, {"feature_scaling": pre.intensity, **stats, **extra}
+
+
+def _train_values_problems(cfg: SiteConfig, inspection: Inspection) -> Inspection:
+    """``inspection`` plus the columns imputation cannot fill: those without a value in the train split.
+
+    Imputation learns from the train split only, so a column whose values are all in val or
+    test rows is refused (a column empty everywhere is already reported by the listing).
+    """
+    train = inspection.splits.get("train", [])
+    if cfg.site.task != "tabular" or cfg.preprocessing.missing == "refuse" or not train:
+        return inspection
+    everywhere = np.stack([i["image"] for s in inspection.splits.values() for i in s])  # (N, F)
+    in_train = np.stack([i["image"] for i in train])
+    gone = np.isnan(in_train).all(axis=0) & ~np.isnan(everywhere).all(axis=0)
+    if not gone.any():
+        return inspection
+    names = feature_names(cfg) or []
+    columns = ", ".join(repr(names[j]) if j < len(names) else f"#{j}" for j in np.flatnonzero(gone))
+    shown = cfg.display(cfg.paths.csv) if cfg.paths.csv is not None else cfg.file
+    problem = Problem(
+        shown,
+        f"column(s) {columns} have no value in the train split, so [preprocessing].missing cannot impute "
+        "them (imputation learns from the train split only, never from val or test rows)",
+    )
+    report = dataclasses.replace(inspection.report, problems=[*inspection.report.problems, problem])
+    return dataclasses.replace(inspection, report=report)
 
 
 def _image_splits(
@@ -161,7 +203,7 @@ def load_site(path: str | Path) -> SiteData:
         When the data has any problem :func:`~fedfew_med.data.validate.validate_site` reports.
     """
     cfg = load_site_config(path)
-    return build_site(cfg, inspect_site(cfg))
+    return build_site(cfg, _train_values_problems(cfg, inspect_site(cfg)))
 
 
 def _agree(what: str, values: list[Any], files: list[str]) -> None:
@@ -186,8 +228,62 @@ def _check_federation(configs: list[SiteConfig], files: list[str]) -> None:
     _agree("len([preprocessing].spatial_size)", [len(c.preprocessing.spatial_size) for c in configs], files)
 
 
-def load_sites(files: Sequence[str], base_dir: Path) -> list[SiteData]:
+def _align_features(
+    configs: list[SiteConfig], inspections: list[Inspection], files: list[str]
+) -> tuple[list[SiteConfig], list[Inspection]]:
+    """Tabular sites, validated: each given the federation's feature order, by column name.
+
+    The first site's order (:func:`~fedfew_med.data.sources.feature_names`) is the
+    federation's; a site with the same columns in another order gets that order as its
+    ``[source].feature_columns`` and is listed again; sites already in that order are returned
+    unchanged (so their features, and every result computed from them, stay as they were).
+
+    Raises
+    ------
+    ConfigError
+        When a site lacks a column of the first site or has one more, naming every such site,
+        its CSV file and the columns.
+    """
+    if not configs or configs[0].site.task != "tabular":
+        return configs, inspections
+    names = [feature_names(cfg) or [] for cfg in configs]  # validated: every header was readable
+    order = names[0]
+    wrong = []
+    for cfg, file, have in zip(configs[1:], files[1:], names[1:], strict=True):
+        why = feature_mismatch(sorted(have), sorted(order))
+        if why is not None:
+            csv = cfg.display(cfg.paths.csv) if cfg.paths.csv is not None else "?"
+            wrong.append(f"{cfg.site.name} ({file}): {csv} {why}")
+    if wrong:
+        first = configs[0]
+        raise ConfigError(
+            "the feature columns must be the same at every tabular site of a federation (they are matched "
+            f"by name; {first.site.name} ({files[0]}) has {', '.join(repr(c) for c in order)}), but\n"
+            + "\n".join(wrong)
+            + "\nrename or drop those columns, or list the shared ones in each site's [source].feature_columns"
+        )
+    out_configs, out_inspections = [], []
+    for cfg, inspection, have in zip(configs, inspections, names, strict=True):
+        if have != order:
+            logger.info(
+                "site %s: features reordered by name to the federation's order %s", cfg.site.name, order
+            )
+            cfg = dataclasses.replace(
+                cfg, source=dataclasses.replace(cfg.source, feature_columns=tuple(order))
+            )
+            inspection = _train_values_problems(cfg, inspect_site(cfg))  # the same rows, columns by name
+            if not inspection.report.ok:  # the same cells in another order: cannot fail where it passed
+                raise SiteValidationError([inspection.report])
+        out_configs.append(cfg)
+        out_inspections.append(inspection)
+    return out_configs, out_inspections
+
+
+def load_sites(files: Sequence[str], base_dir: Path, progress: Progress | None = None) -> list[SiteData]:
     """Load a federation's sites; relative paths are taken from ``base_dir`` (the federation file's folder).
+
+    ``progress`` is called with a message, the steps done and the steps in all (two per site:
+    its files checked, then preprocessed), for a progress bar over what can take a minute.
 
     Every site is validated before any error is raised, so one run lists every site's problems:
     the federation refuses to start (nothing trained, nothing written) while any site is bad,
@@ -196,7 +292,8 @@ def load_sites(files: Sequence[str], base_dir: Path) -> list[SiteData]:
     Raises
     ------
     ConfigError
-        When the sites disagree on task, label map, channels or dimensions.
+        When the sites disagree on task, label map, channels or dimensions, or (tabular) when a
+        site lacks a feature column of the first site or has an extra one (see :func:`_align_features`).
     SiteValidationError
         When any site file is invalid or any site's data has problems; its message starts with
         a line naming every failing site, then each site's problems.
@@ -213,7 +310,12 @@ def load_sites(files: Sequence[str], base_dir: Path) -> list[SiteData]:
             config_errors.append(exc)
     if not config_errors:
         _check_federation(configs, [str(p) for p in paths])  # before any image is read
-    inspections = [inspect_site(cfg) for cfg in configs]
+    steps = 2 * len(configs)
+    inspections = []
+    for i, cfg in enumerate(configs):
+        inspections.append(_train_values_problems(cfg, inspect_site(cfg)))
+        if progress:
+            progress(f"{cfg.site.name}: files checked", i + 1, steps)
     failed = [i.report for i in inspections if not i.report.ok]
     if failed or config_errors:
         bad = [f"{e.site} ({e.file})" if e.site else e.file for e in config_errors]
@@ -223,9 +325,17 @@ def load_sites(files: Sequence[str], base_dir: Path) -> list[SiteData]:
             f"(nothing was trained): {', '.join(bad)}"
         )
         raise SiteValidationError(failed, config_errors, headline=headline)
+    # after each site's own validation, so that a site's missing label or feature column is reported
+    # as that site's problem, not as a federation that disagrees
+    configs, inspections = _align_features(configs, inspections, [str(p) for p in paths])
     _agree(
         "the number of input channels (features)",
         [i.in_channels for i in inspections],
         [str(p) for p in paths],
     )
-    return [build_site(cfg, i) for cfg, i in zip(configs, inspections, strict=True)]
+    built = []
+    for cfg, inspection in zip(configs, inspections, strict=True):
+        built.append(build_site(cfg, inspection))
+        if progress:
+            progress(f"{cfg.site.name}: preprocessed", len(configs) + len(built), steps)
+    return built

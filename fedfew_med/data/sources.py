@@ -10,7 +10,8 @@ record that cannot be used is left out and reported as a :class:`Problem`
 kind             records
 ===============  ==============================================================
 ``images_csv``   one per CSV row: image path (relative to root), label, split
-``tabular_csv``  one per CSV row: the feature columns as floats, label, split
+``tabular_csv``  one per CSV row: the feature columns as floats (in the order of
+                 :func:`feature_names`; NaN for a missing cell when imputing), label, split
 ``nifti_folder`` one per ``.nii``/``.nii.gz`` in ``images``; masks ``labels/<id>.nii.gz``;
                  classification labels (and splits) from the CSV, matched by id
 ``dicom_series`` one per sub-folder of ``images`` (a series); masks and CSV as above
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 
-from fedfew_med.data.tables import Problem, class_index, float_cell, read_table, split_value
+from fedfew_med.data.tables import Problem, class_index, float_cell, read_header, read_table, split_value
 from fedfew_med.site_config import SiteConfig, inside_root
 
 Item = dict[str, Any]
@@ -123,6 +124,27 @@ def _images_csv(cfg: SiteConfig, out: Listing) -> None:
         out.items.append(item)
 
 
+def _features(cfg: SiteConfig, columns: list[str]) -> list[str]:
+    src = cfg.source
+    return list(src.feature_columns) or [c for c in columns if c not in (src.label_column, src.split_column)]
+
+
+def feature_names(cfg: SiteConfig) -> list[str] | None:
+    """A tabular site's feature columns, in the order its feature vectors use.
+
+    ``[source].feature_columns`` when given (a federation's sites may be given the common
+    order this way, see :func:`fedfew_med.data.sites.load_sites`), else every CSV column but
+    the label and split columns, in the CSV's order. ``None`` when the CSV header cannot be
+    read (listing the records reports why).
+    """
+    if cfg.source.feature_columns:
+        return list(cfg.source.feature_columns)
+    if cfg.paths.csv is None:
+        return None
+    columns = read_header(cfg.paths.csv)
+    return None if columns is None else _features(cfg, columns)
+
+
 def _tabular_csv(cfg: SiteConfig, out: Listing) -> None:
     src, csv_path = cfg.source, cfg.paths.csv
     assert csv_path is not None
@@ -132,17 +154,26 @@ def _tabular_csv(cfg: SiteConfig, out: Listing) -> None:
     out.problems += problems
     if table is None:
         return
-    features = list(src.feature_columns) or [
-        c for c in table.columns if c not in (src.label_column, src.split_column)
-    ]
+    features = _features(cfg, table.columns)
     if not features:
         out.problem(shown, "no feature columns (every column is the label or the split)")
         return
+    used = {*features, src.label_column, src.split_column} - {""}
+    repeated = sorted({c for c in table.columns if c in used and table.columns.count(c) > 1})
+    if repeated:  # columns are matched by name: a repeated name would be a silent choice of one of them
+        out.problem(
+            shown,
+            "column(s) " + ", ".join(repr(c) for c in repeated) + " appear more than once in the header",
+        )
+        return
+    impute = cfg.preprocessing.missing != "refuse"
     for line, row in table.rows:
         try:
             item: Item = {
                 "id": f"line {line}",
-                "image": np.array([float_cell(row[c], c) for c in features], dtype=np.float32),
+                "image": np.array(
+                    [float_cell(row[c], c, allow_missing=impute) for c in features], dtype=np.float32
+                ),
                 "label": class_index(row[src.label_column], cfg.labels.names),
             }
             if src.split_column:
@@ -151,6 +182,15 @@ def _tabular_csv(cfg: SiteConfig, out: Listing) -> None:
             out.problem(shown, f"line {line}: {exc}")
             continue
         out.items.append(item)
+    if impute and out.items:
+        x = np.stack([i["image"] for i in out.items])  # (N, F)
+        empty = [c for c, gone in zip(features, np.isnan(x).all(axis=0), strict=True) if gone]
+        if empty:  # nothing to take a mean or median of
+            names = ", ".join(repr(c) for c in empty)
+            out.problem(
+                shown,
+                f"column(s) {names} have no value in any row, so [preprocessing].missing cannot impute them",
+            )
 
 
 def _csv_by_id(cfg: SiteConfig, out: Listing, known: set[str]) -> tuple[bool, dict[str, Item] | None]:

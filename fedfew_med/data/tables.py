@@ -16,6 +16,9 @@ from typing import Any
 from fedfew_med.data.splits import SPLITS
 
 FLOAT32_MAX = 3.4028234663852886e38  # features are stored as float32
+# cells that mean "no value" in a table (compared case-insensitively): the spellings spreadsheet and
+# statistics exports use; "?" is the UCI repository's. Anything else that is not a number is an error.
+MISSING = frozenset({"", "na", "n/a", "nan", "null", "?"})
 
 
 @dataclass(frozen=True)
@@ -98,16 +101,57 @@ def split_value(value: str) -> str:
     return text
 
 
-def float_cell(value: str, column: str) -> float:
-    """A finite number that float32 can hold (``ValueError`` naming the column otherwise)."""
+def read_header(path: Path) -> list[str] | None:
+    """The stripped column names of a CSV file, or ``None`` when it cannot be read or is empty.
+
+    Reads the first line only: a federation compares its sites' columns before reading their rows.
+    The reasons a file cannot be read are reported later, by :func:`read_table`.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return [c.strip() for c in header] if header else None
+
+
+def feature_mismatch(have: Sequence[str], want: Sequence[str]) -> str | None:
+    """How the feature names ``have`` differ from ``want``, or ``None`` when they are the same list.
+
+    Names missing from ``have`` and extra in it come first; the same names in another order
+    are reported as such (positions would cross features silently).
+    """
+    missing = [c for c in want if c not in have]
+    extra = [c for c in have if c not in want]
+    parts = []
+    if missing:
+        parts.append("lacks column(s) " + ", ".join(repr(c) for c in missing))
+    if extra:
+        parts.append("has extra column(s) " + ", ".join(repr(c) for c in extra))
+    if parts:
+        return " and ".join(parts)
+    if list(have) != list(want):
+        return "has the same columns in another order: " + ", ".join(repr(c) for c in have)
+    return None
+
+
+def float_cell(value: str, column: str, *, allow_missing: bool = False) -> float:
+    """A finite number that float32 can hold (``ValueError`` naming the column otherwise).
+
+    With ``allow_missing``, a cell spelled as in :data:`MISSING` is NaN (to be imputed later).
+    """
+    missing = value.strip().lower() in MISSING
+    if missing and allow_missing:
+        return math.nan
+    hint = " (a missing value: [preprocessing].missing = 'mean' or 'median' imputes it)" if missing else ""
     if not value:
-        raise ValueError(f"column {column!r} is empty")
+        raise ValueError(f"column {column!r} is empty{hint}")
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"column {column!r} is not a number: {value!r}") from None
+        raise ValueError(f"column {column!r} is not a number: {value!r}{hint}") from None
     if not math.isfinite(number):
-        raise ValueError(f"column {column!r} is NaN/Inf: {value!r}")
+        raise ValueError(f"column {column!r} is NaN/Inf: {value!r}{hint}")
     if abs(number) > FLOAT32_MAX:
         raise ValueError(f"column {column!r} is too large for float32 (|x| <= {FLOAT32_MAX:.4g}): {value!r}")
     return number

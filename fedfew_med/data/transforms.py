@@ -41,6 +41,7 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from sklearn.impute import SimpleImputer
 
 from fedfew_med.data.readers import ReaderSet, ReadImaged
 from fedfew_med.site_config import PreprocessingSection, SiteConfig
@@ -112,7 +113,8 @@ def deterministic_transforms(cfg: SiteConfig, readers: ReaderSet | None = None) 
     keys = spatial_keys(cfg)
     ndim = len(pre.spatial_size)
     modes = ["bilinear", "nearest"][: len(keys)]
-    out: list[Any] = [ReadImaged(keys, readers)]
+    # labels passed validation as 3-D single-channel maps, so volume_4d only ever changes the image
+    out: list[Any] = [ReadImaged(keys, readers, volume_4d=pre.volume_4d)]
     if pre.channels:
         out.append(ToChannelsd([IMAGE], pre.channels))
     if pre.orientation:
@@ -167,6 +169,37 @@ def build_pipeline(cfg: SiteConfig, *, train: bool, readers: ReaderSet | None = 
     if train:
         pipeline.set_random_state(seed=augmentation_seed(cfg.split.seed))
     return pipeline
+
+
+def impute_features(
+    train: np.ndarray, others: Sequence[np.ndarray], strategy: str
+) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """Fill NaN cells of tabular features (N, F) with each column's train-split mean or median.
+
+    ``strategy`` is ``"mean"`` or ``"median"`` (scikit-learn's ``SimpleImputer``); the
+    statistics come from ``train`` alone and are applied to ``train`` and ``others`` (val,
+    test), so no held-out value leaks into them. Returns the filled arrays (float32) and the
+    value used for each column.
+
+    Raises
+    ------
+    ValueError
+        When a column has no value in ``train`` (the imputer would silently drop it).
+    """
+    wide = train.astype(np.float64)  # float32 sums lose digits over many rows
+    empty = (
+        [int(j) for j in np.flatnonzero(np.isnan(wide).all(axis=0))]
+        if len(wide)
+        else list(range(wide.shape[1]))
+    )
+    if empty:
+        raise ValueError(f"feature(s) {empty} have no value in the train split")
+    imputer = SimpleImputer(missing_values=np.nan, strategy=strategy)
+    imputer.fit(wide)
+    filled = [
+        imputer.transform(a.astype(np.float64)).astype(np.float32) if len(a) else a for a in (train, *others)
+    ]
+    return filled[0], filled[1:], [float(v) for v in imputer.statistics_]
 
 
 def scale_features(

@@ -3,14 +3,22 @@
 :func:`validate_site` lists the records (see :mod:`fedfew_med.data.sources`), reads
 each image (and mask) raw, before any augmentation, and reports
 
-* unreadable or corrupt files, and files of an unknown format;
+* unreadable or corrupt files, and files of an unknown format; NIfTI files holding less
+  voxel data than their header declares (truncated, or a lying header);
+* 4-D NIfTI images (several volumes along a 4th axis) unless ``[preprocessing].volume_4d``
+  says how to read them;
 * images whose dimensionality differs from ``[preprocessing].spatial_size``;
 * NaN/Inf voxels, in images or masks, and value ranges too wide for float32;
+* constant images (every voxel one value: a blank or failed export);
 * images that ``[preprocessing].spacing`` would resample to more than
   :data:`~fedfew_med.site_config.MAX_VOXELS` voxels;
 * files or series slices that leave the data root through a symlink;
 * masks whose shape differs from their image's, with several channels, with
   non-integer values or with values outside the label map;
+* masks whose affine (voxel-to-world mapping) differs from their image's beyond
+  :data:`AFFINE_ORIGIN_TOL_MM` and :data:`AFFINE_AXIS_RTOL`, compared after the
+  reorientation training applies (so a mask stored in another axis order but on the
+  same grid is accepted, exactly when training would align it);
 * channel counts that differ between images (unless ``[preprocessing].channels`` fixes them);
 * missing CSV columns, CSV rows pointing at missing files, labels outside the label map,
   bad split values, non-numeric features (found while listing);
@@ -22,6 +30,7 @@ with a JSON-able summary: counts per split, class balance, shapes, spacings.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -33,17 +42,31 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from fedfew_med.data.readers import ReaderSet, read_image, spacing_of
+from fedfew_med.data.readers import ReaderSet, RefusedVolume, read_image, spacing_of
 from fedfew_med.data.sources import Item, Listing, list_items
 from fedfew_med.data.splits import SPLITS, split_by_column, stratified_split
 from fedfew_med.data.tables import Problem
 from fedfew_med.data.transforms import orientation
 from fedfew_med.site_config import MAX_VOXELS, SiteConfig, load_site_config
 
-__all__ = ["Problem", "ValidationReport", "inspect_site", "validate_config", "validate_site"]
+__all__ = [
+    "AFFINE_AXIS_RTOL",
+    "AFFINE_ORIGIN_TOL_MM",
+    "Problem",
+    "ValidationReport",
+    "inspect_site",
+    "validate_config",
+    "validate_site",
+]
 
 logger = logging.getLogger(__name__)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# How far a mask's affine may stray from its image's. Headers store affines in float32
+# (about 1e-5 mm at 500 mm from the origin), so these only forgive storage rounding; a
+# real misregistration (half a voxel, a flipped axis, another spacing) is far larger.
+AFFINE_ORIGIN_TOL_MM = 1e-3  # world position of voxel 0, in mm
+AFFINE_AXIS_RTOL = 1e-4  # each voxel axis (spacing x direction), relative to the image's voxel size
 
 
 @dataclass(frozen=True)
@@ -98,12 +121,43 @@ def _plain(img: torch.Tensor) -> torch.Tensor:
     return img.as_tensor() if isinstance(img, MetaTensor) else img
 
 
+def _vector(v: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
+
+
+def _grid_mismatch(label: torch.Tensor, image: torch.Tensor, ndim: int) -> str | None:
+    """How ``label``'s voxel grid departs from ``image``'s beyond the tolerances, or ``None``.
+
+    Both are read (and oriented) images; their affines map voxel indices to world mm.
+    """
+    if not (isinstance(label, MetaTensor) and isinstance(image, MetaTensor)):
+        return None
+    lab = np.asarray(label.affine, dtype=np.float64)
+    img = np.asarray(image.affine, dtype=np.float64)
+    rows = min(len(lab), len(img)) - 1  # world axes: 3, or 2 for a 2-D affine
+    for axis in range(ndim):
+        want, got = img[:rows, axis], lab[:rows, axis]  # one voxel step along this axis, in mm
+        if np.linalg.norm(got - want) > AFFINE_AXIS_RTOL * np.linalg.norm(want):
+            return f"voxel axis {axis} steps {_vector(got)} mm, the image's {_vector(want)} mm"
+    shift = lab[:rows, -1] - img[:rows, -1]
+    if np.linalg.norm(shift) > AFFINE_ORIGIN_TOL_MM:
+        return f"its grid is shifted by {_vector(shift)} mm ({np.linalg.norm(shift):.4g} mm) from the image's"
+    return None
+
+
 def _check_label(
-    cfg: SiteConfig, item: Item, spatial: tuple[int, ...], readers: ReaderSet, out: list[Problem]
+    cfg: SiteConfig, item: Item, image: torch.Tensor, readers: ReaderSet, out: list[Problem]
 ) -> dict[str, Any]:
+    """Voxel counts per class of the record's mask, or its problems (added to ``out``).
+
+    ``image`` is the record's image, read and oriented as training will see it.
+    """
     shown = cfg.display(item["label"])
+    spatial = tuple(image.shape[1:])
     try:
-        label: torch.Tensor = read_image(item["label"], readers)
+        # as channels whatever [preprocessing].volume_4d says: a 4th axis is then named below as
+        # extra channels, which a mask never has
+        label: torch.Tensor = read_image(item["label"], readers, volume_4d="channels")
     except Exception as exc:  # any reader failure means the file is unusable
         out.append(Problem(shown, f"cannot read: {_reason(exc)}"))
         return {}
@@ -116,6 +170,17 @@ def _check_label(
         )
     if tuple(label.shape[1:]) != spatial:
         out.append(Problem(shown, f"label shape {tuple(label.shape[1:])} differs from image shape {spatial}"))
+        return {}
+    mismatch = _grid_mismatch(label, image, len(spatial))
+    if mismatch:
+        codes = cfg.preprocessing.orientation.upper()[: len(spatial)]
+        oriented = "" if orient is None else f" once both are reoriented to {codes}"
+        message = (
+            f"label affine (voxel-to-world) differs from its image's ({cfg.display(_first(item['image']))})"
+            f"{oriented}: {mismatch}; they must agree within {AFFINE_ORIGIN_TOL_MM:g} mm in origin and "
+            f"{AFFINE_AXIS_RTOL:g} of the voxel size along each axis (spacing and direction)"
+        )
+        out.append(Problem(shown, message))
         return {}
     values = _plain(label)
     if not torch.isfinite(values).all():
@@ -144,7 +209,9 @@ def _check_item(cfg: SiteConfig, item: Item, readers: ReaderSet) -> tuple[dict[s
     shown = cfg.display(_first(item["image"]))
     ndim = len(cfg.preprocessing.spatial_size)
     try:
-        img: torch.Tensor = read_image(item["image"], readers)
+        img: torch.Tensor = read_image(item["image"], readers, volume_4d=cfg.preprocessing.volume_4d)
+    except RefusedVolume as exc:  # readable, but not as this site file says to read it
+        return {}, [Problem(shown, str(exc))]
     except Exception as exc:  # any reader failure means the file is unusable
         return {}, [Problem(shown, f"cannot read: {_reason(exc)}")]
     if img.ndim - 1 != ndim:
@@ -158,6 +225,15 @@ def _check_item(cfg: SiteConfig, item: Item, readers: ReaderSet) -> tuple[dict[s
     elif values.numel() and float(values.max()) - float(values.min()) > _FLOAT32_MAX:
         low, high = float(values.min()), float(values.max())
         out.append(Problem(shown, f"image values from {low:.4g} to {high:.4g} overflow float32 when scaled"))
+    elif values.numel() and float(values.max()) == float(values.min()):
+        value = float(values.min())
+        out.append(
+            Problem(
+                shown,
+                f"image is constant: all {values.numel()} voxels are {value:g} (a blank or failed export?); "
+                "it holds nothing to learn from",
+            )
+        )
     channels, wanted = int(img.shape[0]), cfg.preprocessing.channels
     if wanted == 3 and channels not in (1, 3):
         out.append(Problem(shown, f"cannot make {wanted} channels from {channels}"))
@@ -173,8 +249,14 @@ def _check_item(cfg: SiteConfig, item: Item, readers: ReaderSet) -> tuple[dict[s
         )
         out.append(Problem(shown, message))
     if cfg.site.task == "segmentation":
-        facts.update(_check_label(cfg, item, facts["shape"], readers, out))
+        facts.update(_check_label(cfg, item, img, readers, out))
     return facts, out
+
+
+def check_image(cfg: SiteConfig, image: str | list[str], readers: ReaderSet | None = None) -> list[Problem]:
+    """What ``validate-site`` would say of one image alone (no label): for images a site predicts on."""
+    image_only = dataclasses.replace(cfg, site=dataclasses.replace(cfg.site, task="classification"))
+    return _check_item(image_only, {"image": image}, readers or ReaderSet())[1]
 
 
 def _resampled_voxels(cfg: SiteConfig, shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
@@ -195,6 +277,8 @@ def _channel_problems(
     if cfg.preprocessing.channels:
         return cfg.preprocessing.channels, []
     message = "image has {} channel(s), most images have {}; set [preprocessing].channels to 1 or 3"
+    if cfg.preprocessing.volume_4d == "channels":  # averaging a series' volumes is rarely what is meant
+        message += " (4-D images: give each the same number of volumes, or set volume_4d = 'first')"
     odd = [
         Problem(cfg.display(_first(item["image"])), message.format(f["channels"], common))
         for item, f in checked

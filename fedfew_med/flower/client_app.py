@@ -4,8 +4,10 @@ Three message handlers, each a thin skin over :class:`~fedfew_med.runtime.SiteRu
 
 ``query``
     The site's name, training-set size and model facts (so the coordinator can
-    compute λ_i and build the initial models), and whether it trains with DP
-    (its resolved ``[privacy]`` options: target ε, δ, ...); nothing about its records.
+    compute λ_i and build the initial models), a tabular site's feature column
+    names in its input order (so the coordinator can refuse a site whose columns
+    differ: tables are matched by name), and whether it trains with DP (its
+    resolved ``[privacy]`` options: target ε, δ, ...); nothing about its records.
 ``train``
     Run :meth:`SiteRuntime.step` on the received models from the state the
     coordinator names (its *base round*); save the new state atomically on the
@@ -63,6 +65,7 @@ def query(msg: Message, context: Context) -> Message:
             facts=ModelFacts.of(data),
             protocol=_protocol(data),
             privacy=privacy,
+            features=tuple(str(c) for c in data.metadata.get("features", ())),
         )
         return Message(RecordDict({codec.SITE: codec.encode_site(card)}), reply_to=msg)
 

@@ -16,8 +16,9 @@ Record names (one :class:`~flwr.app.RecordDict` per message):
                         the algorithm's extras as ``extra.<name>`` (train only)
 ``fedfew.reply``        MetricRecord: ``num-samples`` and the K ``losses``
 ``fedfew.reply-info``   ConfigRecord: the reply's small ``info`` dict as JSON
-``fedfew.site``         ConfigRecord: a site's name, sample count, model facts and, for a
-                        DP site, its privacy options (query)
+``fedfew.site``         ConfigRecord: a site's name, sample count, model facts, for a
+                        tabular site its feature column names in the order it uses (JSON;
+                        names only, no value), and for a DP site its privacy options (query)
 ``fedfew.evaluate``     ConfigRecord: the site addressed and the round (evaluate only)
 ``fedfew.evaluation``   ConfigRecord: a site's evaluation entry as JSON (evaluate reply)
 ``fedfew.privacy-plan`` ConfigRecord: a DP site's participation plan and the ledger the
@@ -195,18 +196,23 @@ class SiteCard:
     facts: ModelFacts
     protocol: str | None = None  # acquisition protocol label, shown in the summary table
     privacy: Mapping[str, Any] | None = None  # a DP site: {"options", "grad_sample_mode", "where"}; None without DP
+    # a tabular site's feature columns in the order of its inputs; () for images (and for cards saved
+    # before sites sent them). Tables are matched by name: the coordinator refuses a site whose list differs.
+    features: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        out = {"n_train": self.num_train, "protocol": self.protocol, "facts": self.facts.__dict__.copy()}
+        out: dict[str, Any] = {"n_train": self.num_train, "protocol": self.protocol, "facts": self.facts.__dict__.copy()}
         if self.privacy is not None:
             out["privacy"] = dict(self.privacy)
+        if self.features:  # absent for image sites: their saved state reads as before
+            out["features"] = list(self.features)
         return out
 
     @classmethod
     def from_json(cls, name: str, data: Mapping[str, Any]) -> SiteCard:
         privacy = data.get("privacy")
         return cls(name=name, num_train=int(data["n_train"]), facts=ModelFacts(**data["facts"]), protocol=data.get("protocol"),
-                   privacy=None if privacy is None else dict(privacy))
+                   privacy=None if privacy is None else dict(privacy), features=tuple(data.get("features", ())))
 
 
 def encode_site(card: SiteCard) -> ConfigRecord:
@@ -222,6 +228,7 @@ def encode_site(card: SiteCard) -> ConfigRecord:
             "spatial-dims": int(f.spatial_dims),
             "image-size": int(f.image_size),
             "privacy": "" if card.privacy is None else json.dumps(dict(card.privacy), sort_keys=True),
+            **({"features": json.dumps(list(card.features))} if card.features else {}),
         }
     )
 
@@ -239,8 +246,14 @@ def decode_site(record: ConfigRecord) -> SiteCard:
     card_privacy = None if privacy is None else json.loads(privacy)
     if card_privacy is not None and not (isinstance(card_privacy, dict) and isinstance(card_privacy.get("options"), dict)):
         raise CodecError(f"{SITE}.privacy must be a JSON object with 'options', got {privacy!r}")
+    try:
+        features = json.loads(str(record.get("features", "") or "[]"))
+    except ValueError:
+        features = None
+    if not (isinstance(features, list) and all(isinstance(c, str) for c in features)):
+        raise CodecError(f"{SITE}.features must be a JSON list of column names, got {record.get('features')!r}")
     return SiteCard(name=str(fields["name"]), num_train=int(fields["num-train"]), facts=facts,
-                    protocol=str(record.get("protocol", "")) or None, privacy=card_privacy)
+                    protocol=str(record.get("protocol", "")) or None, privacy=card_privacy, features=tuple(features))
 
 
 def encode_evaluate(site: str, round_idx: int) -> ConfigRecord:

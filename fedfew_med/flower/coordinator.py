@@ -4,7 +4,9 @@ Per round, exactly as the in-process simulation does, with messages in between:
 
 0. *Roster.* SuperNodes the coordinator has not met yet are sent a ``query``
    message; each answers with its site name, training-set size and model facts
-   (a bounded wait, ``query-timeout``). Known sites are remembered with their
+   (a bounded wait, ``query-timeout``); a site whose facts, or (tabular) whose
+   feature column names and their order, differ from the admitted sites' is
+   refused for the run. Known sites are remembered with their
    sample counts in every checkpoint, so λ_i needs no query round after the first
    one, and a site that is offline stays a participant that *failed*.
 1. *Participants* are sampled among all known sites (``run.participation``,
@@ -52,13 +54,14 @@ from flwr.serverapp import Grid
 from fedfew_med import checkpoint
 from fedfew_med.algorithms import Params, RoundInfo, SiteReply
 from fedfew_med.algorithms.base import ServerStep
-from fedfew_med.config import ConfigError, FederationConfig
+from fedfew_med.config import ConfigError, FederationConfig, did_you_mean
+from fedfew_med.data.tables import feature_mismatch
 from fedfew_med.dp.chain import CHAIN_FILE, LedgerChain, open_chain
 from fedfew_med.dp.ledger import LedgerStateError
 from fedfew_med.dp.server import ServerDP
 from fedfew_med.flower import codec, rundir
 from fedfew_med.flower.privacy import NO_UPDATE, RunPrivacy
-from fedfew_med.metrics import PRIMARY, summarize
+from fedfew_med.metrics import headline_metric, summarize
 from fedfew_med.runtime import (
     ModelFacts,
     ServerRuntime,
@@ -148,7 +151,8 @@ class ServerSettings:
         where = "--run-config"
         unknown = sorted(set(run_config) - set(cls.KEYS))
         if unknown:
-            raise ServerConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(cls.KEYS)}")
+            raise ServerConfigError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], cls.KEYS)}; "
+                                    f"allowed keys are {', '.join(cls.KEYS)}")
         kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, attr in cls.KEYS.items():
@@ -283,7 +287,7 @@ class Coordinator:
                 "site_info": {s: dict(rep.info) for s, rep in replies.items()},
                 "assignments": {s: e["model"] for s, e in evaluation.items()},
                 "metrics": {s: e["metrics"] for s, e in evaluation.items()},
-                "summary": summarize({s: e["metrics"][PRIMARY[self._facts().task]] for s, e in evaluation.items()}),
+                "summary": summarize({s: e["metrics"][headline_metric(self._facts().task, cfg.run.metric)] for s, e in evaluation.items()}),
                 "bytes": traffic,
                 "seconds": round(time.perf_counter() - t0, 4),
                 **extra,
@@ -315,6 +319,7 @@ class Coordinator:
             records=history + records,
             evaluation=evaluation,
             models=server.models,
+            dp_ready=bool(self.privacy.dp_ready),
         )
         summary["finished"] = completed >= cfg.run.rounds
         summary["run_key"] = self.run_key
@@ -476,6 +481,18 @@ class Coordinator:
             self._nodes_written = text
 
     def _admit(self, card: codec.SiteCard, node: int) -> None:
+        # tables are matched by name: a site alone keeps its CSV's column order, so any other list than
+        # the admitted sites' (all equal) would cross features silently. Checked before the facts, so that
+        # a missing column is named rather than reported as a feature count. Cards saved before sites sent
+        # their columns have none and fix nothing.
+        reference = next(((s, c.features) for s, c in sorted(self.roster.items()) if c.features), None)
+        if reference is not None and card.features != reference[1]:
+            self.rejected.add(node)
+            how = feature_mismatch(card.features, reference[1]) if card.features else "names no column (an older fedfew-med?)"
+            log.error("SuperNode %d (site %s) refused for this run: its table %s, compared with site %s; the "
+                      "federation's feature columns are %s (list them in [source].feature_columns of its site file)",
+                      node, card.name, how, reference[0], list(reference[1]))
+            return
         if self.facts is None:
             self.facts = card.facts  # the first site (by name) fixes what the models look like
         if card.facts != self.facts:

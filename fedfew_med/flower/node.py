@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedfew_med.config import ConfigError, FederationConfig, load_federation
+from fedfew_med.config import ConfigError, FederationConfig, did_you_mean, load_federation
 from fedfew_med.data import SiteData, build_sites
 from fedfew_med.dp.federation import dp_ready_preparer
 from fedfew_med.runtime import ModelFacts, SiteRuntime, local_runtimes, make_algorithm
@@ -49,7 +49,8 @@ class NodeSettings:
         where = "--node-config"
         unknown = sorted(set(node_config) - set(KEYS))
         if unknown:
-            raise NodeConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(KEYS)}")
+            raise NodeConfigError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], KEYS)}; "
+                                  f"allowed keys are {', '.join(KEYS)}")
         state_dir = _absolute(node_config, "state-dir", required=True)
         assert state_dir is not None
         site_config = _absolute(node_config, "site-config")

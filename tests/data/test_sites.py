@@ -110,30 +110,84 @@ def test_nifti_pipeline_reorients_to_ras(tmp_path: Path) -> None:
         np.testing.assert_array_equal(item["label"][0].numpy(), label)
 
 
-def test_real_nibabel_volumes(tmp_path: Path) -> None:
-    """anatomical.nii (LAS, big-endian) and example4d.nii.gz (two frames: two channels)."""
-    for name in ("anatomical.nii", "example4d.nii.gz"):
-        folder = tmp_path / name.split(".")[0]
-        (folder / "imagesTr").mkdir(parents=True)
-        for copy in ("a", "b", "c"):
-            shutil.copy(Path(NIBABEL_DATA) / name, folder / "imagesTr" / f"{copy}{name[name.index('.') :]}")
-        kit.write_csv(folder / "labels.csv", [{"image": c, "label": i % 2} for i, c in enumerate("abc")])
-        doc = kit.site_doc(
-            "nifti_folder",
-            "classification",
-            spatial_size=(16, 16, 8),
-            source={"csv": "labels.csv"},
-            split={"val_fraction": 0.0, "test_fraction": 0.34},
-            preprocessing={"intensity": "none"},
-        )
-        report = validate_site(kit.write_toml(folder / "site0.toml", doc))
-        site = load_site(folder / "site0.toml")
-        image = nib.load(Path(NIBABEL_DATA) / name)
-        assert report.ok and report.summary["spacing"]["min"] == pytest.approx(
-            list(image.header.get_zooms()[:3]), abs=1e-5
-        )
-        assert site.in_channels == (2 if name.startswith("example4d") else 1)
-        assert report.summary["shape"]["min"] == list(nib.as_closest_canonical(image).shape[:3])
+@pytest.mark.parametrize(
+    ("name", "volume_4d", "channels"),
+    [
+        ("anatomical.nii", "refuse", 1),  # 3-D: the key does not apply
+        ("example4d.nii.gz", "refuse", None),  # two frames: refused unless the site file says how
+        ("example4d.nii.gz", "channels", 2),
+        ("example4d.nii.gz", "first", 1),
+    ],
+)
+def test_real_nibabel_volumes(tmp_path: Path, name: str, volume_4d: str, channels: int | None) -> None:
+    """anatomical.nii (LAS, big-endian) and example4d.nii.gz (two frames) under each ``volume_4d``."""
+    folder = tmp_path / name.split(".")[0]
+    (folder / "imagesTr").mkdir(parents=True)
+    for copy in ("a", "b", "c"):
+        shutil.copy(Path(NIBABEL_DATA) / name, folder / "imagesTr" / f"{copy}{name[name.index('.') :]}")
+    kit.write_csv(folder / "labels.csv", [{"image": c, "label": i % 2} for i, c in enumerate("abc")])
+    doc = kit.site_doc(
+        "nifti_folder",
+        "classification",
+        spatial_size=(16, 16, 8),
+        source={"csv": "labels.csv"},
+        split={"val_fraction": 0.0, "test_fraction": 0.34},
+        preprocessing={"intensity": "none", "volume_4d": volume_4d},
+    )
+    report = validate_site(kit.write_toml(folder / "site0.toml", doc))
+    image = nib.load(Path(NIBABEL_DATA) / name)
+    if channels is None:
+        shape = tuple(image.shape)
+        assert [p.message[: p.message.index(":")] for p in report.problems] == [
+            f"image is 4-D, shape {shape}"
+        ] * 3
+        with pytest.raises(SiteValidationError, match="set it to 'channels'"):
+            load_site(folder / "site0.toml")
+        return
+    site = load_site(folder / "site0.toml")
+    assert report.ok and report.summary["spacing"]["min"] == pytest.approx(
+        list(image.header.get_zooms()[:3]), abs=1e-5
+    )
+    assert site.in_channels == channels and site.splits["train"][0]["image"].shape[0] == channels
+    assert report.summary["shape"]["min"] == list(nib.as_closest_canonical(image).shape[:3])
+
+
+@pytest.mark.parametrize(
+    ("volume_4d", "volumes", "served"),
+    [
+        ("channels", 3, [0, 1, 2]),  # volume t is channel t
+        ("first", 3, [0]),
+        ("refuse", 1, [0]),  # (X, Y, Z, 1) is a 3-D image whatever the key says
+        ("first", 1, [0]),
+        ("channels", 1, [0]),
+    ],
+)
+def test_volume_4d_serves_the_volumes_it_names(
+    tmp_path: Path, volume_4d: str, volumes: int, served: list[int]
+) -> None:
+    """Native size, no scaling: the image served is the chosen volumes of nibabel's canonical array."""
+    shape, written = (6, 5, 4), []
+    for i in range(4):
+        series = np.random.default_rng(i).normal(size=(*shape, volumes)).astype(np.float32)
+        kit.write_nifti(tmp_path / "imagesTr" / f"c{i}.nii", series)
+        written.append(series)
+    kit.write_csv(tmp_path / "labels.csv", [{"image": f"c{i}", "label": i % 2} for i in range(4)])
+    doc = kit.site_doc(
+        "nifti_folder",
+        "classification",
+        spatial_size=shape,
+        source={"csv": "labels.csv"},
+        preprocessing={"intensity": "none", "volume_4d": volume_4d},
+        split={"val_fraction": 0.0, "test_fraction": 0.5},
+    )
+    site = load_site(kit.write_toml(tmp_path / "site0.toml", doc))
+    assert site.in_channels == len(served)
+    references = [
+        nib.as_closest_canonical(nib.Nifti1Image(w, kit.AFFINE)).get_fdata()[..., served] for w in written
+    ]
+    for i in range(site.size("test")):
+        image = site.splits["test"][i]["image"].numpy()  # (C, X, Y, Z)
+        assert any(np.allclose(np.moveaxis(image, 0, -1), r, atol=1e-6) for r in references)
 
 
 def test_real_pydicom_files_as_a_dicom_site(tmp_path: Path) -> None:

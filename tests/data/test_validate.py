@@ -7,12 +7,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 
 from fedfew_med.data.sites import SiteValidationError, load_site
-from fedfew_med.data.validate import validate_site
+from fedfew_med.data.validate import AFFINE_AXIS_RTOL, AFFINE_ORIGIN_TOL_MM, validate_site
 from tests.data import sitekit as kit
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests"
@@ -28,6 +29,14 @@ def _replace_csv(path: Path, old: str, new: str) -> None:
 
 def _nifti(folder: Path, name: str, array: np.ndarray) -> None:
     kit.write_nifti(folder / name, array)
+
+
+def _moved_label(folder: Path, name: str, *, shift_mm: float = 0.0, z_scale: float = 1.0) -> None:
+    """Rewrite mask ``name`` unchanged but for its affine: origin moved along x, slice spacing scaled."""
+    affine = kit.AFFINE.copy()
+    affine[0, 3] += shift_mm
+    affine[2, 2] *= z_scale
+    kit.write_nifti(folder / name, np.asarray(nib.load(folder / name).dataobj), affine)
 
 
 def _with_split_column(folder: Path, values: list[str]) -> None:
@@ -87,6 +96,34 @@ CASES: list[tuple[str, Callable[..., Path], Callable[[Path], None], str, str]] =
         lambda f: _nifti(f, "labelsTr/case0.nii.gz", np.zeros((*SHAPE, 2), np.uint8)),
         "labelsTr/case0.nii.gz",
         "label has 2 channels, expected 1",
+    ),
+    (
+        "label origin just past the tolerance",
+        kit.nifti_seg_site,
+        lambda f: _moved_label(f, "labelsTr/case3.nii.gz", shift_mm=2 * AFFINE_ORIGIN_TOL_MM),
+        "labelsTr/case3.nii.gz",
+        "its grid is shifted by (0.002, 0, 0) mm",
+    ),
+    (
+        "label slice spacing just past the tolerance",
+        kit.nifti_seg_site,
+        lambda f: _moved_label(f, "labelsTr/case4.nii.gz", z_scale=1 + 3 * AFFINE_AXIS_RTOL),
+        "labelsTr/case4.nii.gz",
+        "voxel axis 2 steps (0, 0, 2.001) mm, the image's (0, 0, 2) mm",
+    ),
+    (
+        "constant image",
+        kit.nifti_seg_site,
+        lambda f: _nifti(f, "imagesTr/case5.nii.gz", np.full(SHAPE, -1024, np.int16)),
+        "imagesTr/case5.nii.gz",
+        "image is constant: all 600 voxels are -1024",
+    ),
+    (
+        "4-D image",
+        kit.nifti_seg_site,
+        lambda f: _nifti(f, "imagesTr/case0.nii.gz", np.random.default_rng(0).normal(size=(*SHAPE, 5))),
+        "imagesTr/case0.nii.gz",
+        "image is 4-D, shape (10, 10, 6, 5): 5 volumes beyond its 3 spatial axes",
     ),
     (
         "nan voxels",
@@ -186,7 +223,7 @@ CASES: list[tuple[str, Callable[..., Path], Callable[[Path], None], str, str]] =
         "channels differ",
         kit.png_site,
         lambda f: (f / "img/im05.png").write_bytes(
-            kit.encode_png(np.zeros((10, 12, 3), np.uint8), colour_type=2)
+            kit.encode_png(np.random.default_rng(5).integers(0, 255, (10, 12, 3)), colour_type=2)
         ),
         "img/im05.png",
         "image has 3 channel(s), most images have 1",
@@ -316,3 +353,116 @@ def test_report_summary_counts_balance_shapes_and_spacings(tmp_path: Path) -> No
     masks = [(3 + i % 3) * 4 * 3 for i in range(6)]  # tumour voxels written by seg_volumes
     assert s["voxel_share"]["tumor"] == pytest.approx(sum(masks) / (6 * 600), abs=1e-6)
     assert "site0: records containing each class: no_tumor 6, tumor 6" in report.format()
+
+
+def _stored_flipped_x(folder: Path, name: str) -> None:
+    """Mask ``name`` stored with x reversed and an affine saying so: the same voxels in the world."""
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = SHAPE[0] - 1  # voxel i of the new array is voxel 9 - i of the old one
+    kit.write_nifti(folder / name, np.flip(np.asarray(nib.load(folder / name).dataobj), 0), kit.AFFINE @ flip)
+
+
+def _stored_transposed(folder: Path, name: str) -> None:
+    """Mask ``name`` stored with x and y swapped and an affine saying so."""
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    kit.write_nifti(
+        folder / name, np.asarray(nib.load(folder / name).dataobj).transpose(1, 0, 2), kit.AFFINE @ swap
+    )
+
+
+# (case, site maker, change, input channels): labels within the affine tolerance or stored in another
+# axis order on the same grid, and images that the constant and 4-D checks must leave alone
+ACCEPTED: list[tuple[str, Callable[..., Path], Callable[[Path], object], int]] = [
+    (
+        "label origin within tolerance",
+        kit.nifti_seg_site,
+        lambda f: _moved_label(f, "labelsTr/case1.nii.gz", shift_mm=AFFINE_ORIGIN_TOL_MM / 2),
+        1,
+    ),
+    (
+        "label spacing within tolerance",
+        kit.nifti_seg_site,
+        lambda f: _moved_label(f, "labelsTr/case1.nii.gz", z_scale=1 + AFFINE_AXIS_RTOL / 2),
+        1,
+    ),
+    (
+        "labels stored with x reversed",
+        kit.nifti_seg_site,
+        lambda f: [_stored_flipped_x(f, f"labelsTr/case{i}.nii.gz") for i in range(6)],
+        1,
+    ),
+    (
+        "labels stored transposed",
+        kit.msd_site,
+        lambda f: [_stored_transposed(f, f"labelsTr/case{i}.nii.gz") for i in range(5)],
+        1,
+    ),
+    (
+        "image stored as (X, Y, Z, 1)",
+        kit.nifti_seg_site,
+        lambda f: _nifti(f, "imagesTr/case2.nii.gz", np.random.default_rng(2).normal(size=(*SHAPE, 1))),
+        1,
+    ),
+    (
+        "image constant but for one voxel",
+        kit.nifti_seg_site,
+        lambda f: _nifti(f, "imagesTr/case2.nii.gz", np.eye(1, 600).reshape(SHAPE)),
+        1,
+    ),
+    (
+        "rgb pngs keep their 3 channels",
+        kit.png_site,
+        lambda f: [
+            (f / f"img/im{i:02d}.png").write_bytes(
+                kit.encode_png(np.random.default_rng(i).integers(0, 255, (10, 12, 3)), colour_type=2)
+            )
+            for i in range(12)
+        ],
+        3,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("maker", "change", "channels"), [c[1:] for c in ACCEPTED], ids=[c[0] for c in ACCEPTED]
+)
+def test_the_new_checks_leave_good_sites_alone(
+    tmp_path: Path, maker: Callable[..., Path], change: Callable[[Path], object], channels: int
+) -> None:
+    toml = maker(tmp_path)
+    change(tmp_path)
+    report = validate_site(toml)
+    assert report.ok, report.format()
+    site = load_site(toml)
+    assert site.in_channels == channels and site.splits["train"][0]["image"].shape[0] == channels
+
+
+@pytest.mark.parametrize("store", [_stored_flipped_x, _stored_transposed], ids=["x reversed", "transposed"])
+def test_labels_stored_in_another_axis_order_are_served_aligned(
+    tmp_path: Path, store: Callable[[Path, str], None]
+) -> None:
+    """Native size, no scaling: each served mask is the written one, on its image's RAS grid (nibabel)."""
+    toml = kit.nifti_seg_site(
+        tmp_path,
+        preprocessing={"spatial_size": list(SHAPE), "intensity": "none"},
+        split={"val_fraction": 0.0, "test_fraction": 0.5},
+    )
+    written = {}
+    for path in sorted((tmp_path / "imagesTr").iterdir()):
+        image = nib.as_closest_canonical(nib.load(path)).get_fdata()
+        label = nib.as_closest_canonical(nib.load(tmp_path / "labelsTr" / path.name)).get_fdata()
+        written[round(float(image[0, 0, 0]), 5)] = label
+        store(tmp_path, f"labelsTr/{path.name}")
+    site = load_site(toml)
+    for i in range(site.size("test")):
+        item = site.splits["test"][i]
+        np.testing.assert_array_equal(
+            item["label"][0].numpy(), written[round(float(item["image"][0, 0, 0, 0]), 5)]
+        )
+
+
+def test_the_readme_states_the_affine_tolerances() -> None:
+    """The validate-site section of the README quotes the constants the check uses."""
+    text = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    assert f"within {AFFINE_ORIGIN_TOL_MM:g} mm in origin (`AFFINE_ORIGIN_TOL_MM`)" in text
+    assert f"within {AFFINE_AXIS_RTOL:g} of the voxel size along each voxel axis" in text

@@ -7,6 +7,7 @@ function breaks it in one way. :func:`rename` gives the site the name the tests 
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import struct
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pydicom
 
@@ -109,8 +111,39 @@ def nifti_huge_header(folder: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def volume(folder: Path, name: str, array: np.ndarray) -> None:
-    kit.write_nifti(folder / name, array)
+def nifti_gz_lying_header(folder: Path) -> None:
+    """case1 as a valid gzip stream whose NIfTI header claims (20, 20, 12) voxels; it holds (10, 10, 6)."""
+    path = folder / "imagesTr/case1.nii.gz"
+    plain = kit.write_nifti(folder / "case1.nii", np.ones(SHAPE, np.float32))
+    data = bytearray(plain.read_bytes())
+    data[42:48] = struct.pack("<3h", 20, 20, 12)  # dim[1..3] of the NIfTI-1 header
+    path.write_bytes(gzip.compress(bytes(data)))
+    plain.unlink()
+
+
+def volume(folder: Path, name: str, array: np.ndarray, affine: np.ndarray = kit.AFFINE) -> None:
+    kit.write_nifti(folder / name, array, affine)
+
+
+def mask_of(folder: Path, name: str) -> np.ndarray:
+    """The mask ``name`` as written, so that a test changes only its header."""
+    return np.asarray(nib.load(folder / name).dataobj)
+
+
+def relabel(folder: Path, name: str, change: Callable[[np.ndarray], object]) -> None:
+    """Rewrite the mask ``name`` with the same voxels and ``change`` applied to a copy of its affine."""
+    affine = kit.AFFINE.copy()
+    change(affine)
+    volume(folder, name, mask_of(folder, name), affine)
+
+
+def series(volumes: int, seed: int = 0) -> np.ndarray:
+    """A 4-D (X, Y, Z, T) image of ``volumes`` volumes on the grid of SHAPE."""
+    return np.random.default_rng(seed).normal(size=(*SHAPE, volumes)).astype(np.float32)
+
+
+def constant_png(folder: Path, name: str, value: int) -> None:
+    kit.write_png(folder / "img" / name, np.full((8, 8), value))
 
 
 def with_values(value: float, count: int = 1, dtype: type = np.float32) -> np.ndarray:

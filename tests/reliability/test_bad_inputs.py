@@ -21,6 +21,7 @@ NIfTI folder...) and adds the CLI and federation checks.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import subprocess
@@ -71,7 +72,16 @@ DATA_CASES: list[Case] = [
         c.nifti_site,
         c.nifti_uncompressed_truncated,
         "imagesTr/case1.nii",
-        "cannot read: OSError: Expected 2400 bytes, got 1",
+        "cannot read: ValueError: truncated file or lying header: the NIfTI header declares shape (10, 10, 6) "
+        "of float32, 2400 bytes of voxel data after its 352-byte header, but ",
+    ),
+    (
+        "nifti gz header declares more than the stream holds",
+        c.nifti_site,
+        c.nifti_gz_lying_header,
+        "imagesTr/case1.nii.gz",
+        "cannot read: ValueError: truncated file or lying header: the NIfTI header declares shape (20, 20, 12) "
+        "of float32, 19200 bytes of voxel data after its 352-byte header, but ",
     ),
     (
         "nifti header declares 30000**3 voxels",
@@ -101,6 +111,21 @@ DATA_CASES: list[Case] = [
         lambda f: c.volume(f, "imagesTr/case0.nii.gz", c.extremes()),
         "imagesTr/case0.nii.gz",
         "image values from -3e+38 to 3e+38 overflow float32 when scaled",
+    ),
+    # constant images (a blank or failed export)
+    (
+        "constant nifti image",
+        c.nifti_site,
+        lambda f: c.volume(f, "imagesTr/case2.nii.gz", np.full(c.SHAPE, 7, np.float32)),
+        "imagesTr/case2.nii.gz",
+        "image is constant: all 600 voxels are 7 (a blank or failed export?)",
+    ),
+    (
+        "black png",
+        c.png_site,
+        lambda f: c.constant_png(f, "im03.png", 0),
+        "img/im03.png",
+        "image is constant: all 64 voxels are 0",
     ),
     (
         "tabular 1e308",
@@ -159,6 +184,77 @@ DATA_CASES: list[Case] = [
         lambda f: c.volume(f, "labelsTr/case0.nii.gz", np.zeros((10, 12, 6), np.uint8)),
         "labelsTr/case0.nii.gz",
         "label shape (10, 12, 6) differs from image shape (10, 10, 6)",
+    ),
+    # label on another voxel grid than its image (affine beyond AFFINE_ORIGIN_TOL_MM / AFFINE_AXIS_RTOL)
+    (
+        "label shifted by half a voxel",
+        c.nifti_site,
+        lambda f: c.relabel(f, "labelsTr/case1.nii.gz", lambda a: a.__setitem__((0, 3), a[0, 3] + 0.75)),
+        "labelsTr/case1.nii.gz",
+        "label affine (voxel-to-world) differs from its image's (imagesTr/case1.nii.gz) once both are "
+        "reoriented to RAS: its grid is shifted by (0.75, 0, 0) mm (0.75 mm) from the image's; they must agree "
+        "within 0.001 mm in origin and 0.0001 of the voxel size along each axis (spacing and direction)",
+    ),
+    (
+        "msd label slice spacing differs",
+        c.msd_site,
+        lambda f: c.relabel(f, "labelsTr/case2.nii.gz", lambda a: a.__setitem__((2, 2), 2.5)),
+        "labelsTr/case2.nii.gz",
+        "voxel axis 2 steps (0, 0, 2.5) mm, the image's (0, 0, 2) mm",
+    ),
+    (
+        "label flipped in its header only",  # reoriented, it lies 9 voxels of 1.5 mm off its image
+        c.nifti_site,
+        lambda f: c.relabel(f, "labelsTr/case0.nii.gz", lambda a: a.__setitem__((1, 1), -1.5)),
+        "labelsTr/case0.nii.gz",
+        "once both are reoriented to RAS: its grid is shifted by (0, -13.5, 0) mm (13.5 mm) from the image's",
+    ),
+    (
+        "label flipped in its header only, orientation off",
+        c.nifti_site,
+        lambda f: (
+            c.relabel(f, "labelsTr/case0.nii.gz", lambda a: a.__setitem__((1, 1), -1.5)),
+            c.set_key("preprocessing", "orientation", "")(f),
+        ),
+        "labelsTr/case0.nii.gz",
+        "differs from its image's (imagesTr/case0.nii.gz): voxel axis 1 steps (0, -1.5, 0) mm, the image's "
+        "(0, 1.5, 0) mm; they must agree",
+    ),
+    # 4-D volumes: refused unless [preprocessing].volume_4d says how to read them
+    (
+        "one 4-D nifti image",
+        c.nifti_site,
+        lambda f: c.volume(f, "imagesTr/case1.nii.gz", c.series(3)),
+        "imagesTr/case1.nii.gz",
+        "image is 4-D, shape (10, 10, 6, 3): 3 volumes beyond its 3 spatial axes (a time series, echoes, "
+        "diffusion directions?), and [preprocessing].volume_4d is 'refuse'; set it to 'channels'",
+    ),
+    (
+        "every msd image 4-D alike",  # no channel count stands out: before volume_4d this trained silently
+        c.msd_site,
+        lambda f: [c.volume(f, f"imagesTr/case{i}.nii.gz", c.series(2, seed=i)) for i in range(3)],
+        "imagesTr/case0.nii.gz",
+        "image is 4-D, shape (10, 10, 6, 2)",
+    ),
+    (
+        "4-D image with channels = 1 set",  # channels = 1 used to average the volumes into one
+        c.nifti_site,
+        lambda f: (
+            c.volume(f, "imagesTr/case2.nii.gz", c.series(4)),
+            c.set_key("preprocessing", "channels", 1)(f),
+        ),
+        "imagesTr/case2.nii.gz",
+        "image is 4-D, shape (10, 10, 6, 4)",
+    ),
+    (
+        "4-D label with volume_4d = first",  # the key reads images; a mask is one 3-D map, always
+        c.nifti_site,
+        lambda f: (
+            c.volume(f, "labelsTr/case1.nii.gz", np.zeros((*c.SHAPE, 2), np.uint8)),
+            c.set_key("preprocessing", "volume_4d", "first")(f),
+        ),
+        "labelsTr/case1.nii.gz",
+        "label has 2 channels, expected 1 (one map of class values)",
     ),
     # DICOM: no pixel data, missing / duplicated slices, mixed orientations and series
     (
@@ -405,7 +501,7 @@ CONFIG_CASES: list[Case] = [
         c.png_site,
         c.set_key("preprocessing", "spatial_sizes", [8, 8]),
         "site0.toml",
-        "[preprocessing]: unknown key 'spatial_sizes'; allowed keys are",
+        "[preprocessing]: unknown key 'spatial_sizes' (did you mean 'spatial_size'?); allowed keys are",
     ),
     (
         "unknown key in [split]",
@@ -486,6 +582,20 @@ CONFIG_CASES: list[Case] = [
         c.set_key("source", "links", ["/no/such/store"]),
         "site0.toml",
         "[source].links[0] must name an existing folder",
+    ),
+    (
+        "volume_4d not a choice",
+        c.nifti_site,
+        c.set_key("preprocessing", "volume_4d", "average"),
+        "site0.toml",
+        "[preprocessing].volume_4d must be one of 'refuse', 'channels', 'first', got 'average'",
+    ),
+    (
+        "volume_4d wrong type",
+        c.msd_site,
+        c.set_key("preprocessing", "volume_4d", 1),
+        "site0.toml",
+        "[preprocessing].volume_4d must be one of 'refuse', 'channels', 'first', got 1",
     ),
     (
         "huge spatial_size",
@@ -726,12 +836,45 @@ def test_validate_site_as_a_real_process(tmp_path: Path) -> None:
     assert f"{BAD}: imagesTr/case1.nii.gz: cannot read: EOFError" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("damage", "name", "declared", "decompressed"),
+    [
+        (c.nifti_uncompressed_truncated, "case1.nii", "shape (10, 10, 6) of float32, 2400 bytes", False),
+        (c.nifti_gz_lying_header, "case1.nii.gz", "shape (20, 20, 12) of float32, 19200 bytes", True),
+    ],
+    ids=["plain truncated", "gz lying header"],
+)
+def test_a_nifti_short_of_its_header_names_both_sizes_and_the_path(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: c.Damage,
+    name: str,
+    declared: str,
+    decompressed: bool,
+) -> None:
+    """The whole message, on one line: what the header declares, what the file holds (measured here
+    with gzip / stat), and the file's full path -- nibabel's own message stops at "... bytes from"."""
+    toml = _bad_site(tmp_path, c.nifti_site, damage)
+    path = tmp_path / "bad/imagesTr" / name
+    data = gzip.decompress(path.read_bytes()) if decompressed else path.read_bytes()
+    held = len(data) - 352  # a NIfTI-1 single file: voxel data after the 352-byte header
+    assert main(["validate-site", str(toml)]) == 1
+    expected = (
+        f"{BAD}: imagesTr/{name}: cannot read: ValueError: truncated file or lying header: the NIfTI header "
+        f"declares {declared} of voxel data after its 352-byte header, but {path} holds only {held}"
+        + (" once decompressed" if decompressed else "")
+    )
+    assert expected in capsys.readouterr().out.splitlines()
+
+
 def test_links_let_a_declared_store_in_and_nothing_else(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A symlink out of root is refused until [source].links names its store; then the site is fine."""
     toml = c.nifti_site(tmp_path / "site")
-    c.symlink_out(tmp_path / "site", "imagesTr/case1.nii.gz", lambda p: kit.write_nifti(p, np.ones(c.SHAPE)))
+    c.symlink_out(
+        tmp_path / "site", "imagesTr/case1.nii.gz", lambda p: kit.write_nifti(p, c.series(1)[..., 0])
+    )
     assert main(["validate-site", str(toml)]) == 1
     assert "imagesTr/case1.nii.gz: is a symlink to" in capsys.readouterr().out
     c.set_key("source", "links", ["../site-outside"])(tmp_path / "site")

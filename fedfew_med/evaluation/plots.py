@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedfew_med.evaluation.federation import OWN_MODEL, History, MethodMetrics, ModelUse, PrivacySpent
-from fedfew_med.evaluation.report import SiteReport
+from fedfew_med.evaluation.predict import NewScan
+from fedfew_med.evaluation.report import METRIC_LABELS, SiteReport
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,11 +31,6 @@ def _figure(width: float, height: float) -> Figure:
 
 def _as_mapping(reports: Reports) -> dict[str, SiteReport]:
     return {reports.method: reports} if isinstance(reports, SiteReport) else dict(reports)
-
-
-def _class_names(report: SiteReport) -> list[str]:
-    names = report.metadata.get("class_names")
-    return [str(n) for n in names] if names else [f"class {c}" for c in range(report.num_classes)]
 
 
 def deployment(report: SiteReport) -> Figure:
@@ -67,8 +63,8 @@ def metrics_with_ci(reports: Reports, metrics: Sequence[str] | None = None) -> F
         y = np.array([e.value for e in est])
         err = np.array([[e.value - e.low, e.high - e.value] for e in est]).T
         ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o", capsize=3, label=label)
-    ax.set_xticks(np.arange(len(names)), names)
-    if "hd95" not in names:
+    ax.set_xticks(np.arange(len(names)), [METRIC_LABELS.get(n, n).split(" (")[0] for n in names])
+    if not any(n.startswith("hd95") for n in names):
         ax.set_ylim(0, 1.05)
     ax.set_title(f"{first.site}: metrics with {round(next(iter(first.metrics.values())).level * 100)}% CIs", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -76,25 +72,52 @@ def metrics_with_ci(reports: Reports, metrics: Sequence[str] | None = None) -> F
     return fig
 
 
-def roc(reports: Reports) -> Figure:
-    """ROC curves of one or several runs at one site (AUC in the legend)."""
-    fig = _figure(4.2, 4)
+def roc(reports: Reports, *, band: bool = True) -> Figure:
+    """ROC curves of one or several runs at one site, with bootstrap band and operating point.
+
+    Each curve (AUC in the legend) gets its pointwise percentile-bootstrap band (shaded; the
+    report's resamples, see :meth:`SiteReport.roc_band`) when ``band``, and a marker where the
+    model's own decision (its argmax: ``p > 0.5`` with two classes) puts it, with the intervals of
+    sensitivity and specificity as error bars for two classes.
+    """
+    reps = _as_mapping(reports)
+    fig = _figure(4.6, 4.4)
     ax = fig.add_subplot()
-    for label, rep in _as_mapping(reports).items():
-        for c, (fpr, tpr) in rep.roc_curves().items():
-            suffix = "" if rep.num_classes == 2 else f" class {c}"
-            ax.plot(fpr, tpr, label=f"{label}{suffix} (AUC {rep.metrics['auc'].value:.2f})")
+    level = 0.95
+    for i, (label, rep) in enumerate(reps.items()):
+        names = rep.labels
+        for j, (c, (fpr, tpr)) in enumerate(rep.roc_curves().items()):
+            color = f"C{(i * rep.num_classes + j) % 10}"
+            suffix = "" if rep.num_classes == 2 else f" {names[c]} vs rest"
+            ax.plot(fpr, tpr, color=color, label=f"{label}{suffix} (AUC {rep.metrics['auc'].value:.2f})")
+            if band:
+                b = rep.roc_band(c)
+                level = b.level
+                ax.fill_between(b.fpr, b.low, b.high, color=color, alpha=0.18, linewidth=0)
+            x, y = rep.operating_point(c)
+            if rep.num_classes == 2:
+                sens, spec = rep.metrics["sensitivity"], rep.metrics["specificity"]
+                xerr = np.nan_to_num([[x - (1 - spec.high)], [(1 - spec.low) - x]])
+                yerr = np.nan_to_num([[y - sens.low], [sens.high - y]])
+                ax.errorbar([x], [y], xerr=np.clip(xerr, 0, None), yerr=np.clip(yerr, 0, None), fmt="o", color=color,
+                            markeredgecolor="black", capsize=3, zorder=3,
+                            label=f"{label}: operating point p({names[c]}) > 0.5 (sens {y:.2f}, spec {1 - x:.2f})")
+            else:
+                ax.plot([x], [y], "o", color=color, markeredgecolor="black", zorder=3)
     ax.plot([0, 1], [0, 1], ls=":", color="gray")
     ax.set(xlabel="1 - specificity (false-positive rate)", ylabel="sensitivity (true-positive rate)", xlim=(0, 1), ylim=(0, 1.01))
-    ax.set_title("ROC curve on the test split", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    first = next(iter(reps.values()))
+    positive = f" for {first.labels[1]!r}" if first.num_classes == 2 else " (one class against the rest)"
+    shaded = f"; shaded: {round(level * 100)}% bootstrap band" if band else ""
+    ax.set_title(f"ROC curve{positive} on the test split{shaded}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     return fig
 
 
 def confusion(report: SiteReport) -> Figure:
     """Confusion matrix with counts (rows: reference, columns: predicted)."""
     cm = report.confusion()
-    names = _class_names(report)
+    names = report.labels
     fig = _figure(3.8, 3.4)
     ax = fig.add_subplot()
     im = ax.imshow(cm, cmap="Blues")
@@ -112,11 +135,17 @@ def calibration(reports: Reports, n_bins: int = 5) -> Figure:
     """Reliability curves: predicted probability against observed frequency."""
     fig = _figure(4.2, 4)
     ax = fig.add_subplot()
-    for label, rep in _as_mapping(reports).items():
+    reps = _as_mapping(reports)
+    for label, rep in reps.items():
         prob_true, prob_pred = rep.calibration(n_bins)
         ax.plot(prob_pred, prob_true, marker="o", label=label)
     ax.plot([0, 1], [0, 1], ls=":", color="gray", label="perfectly calibrated")
-    ax.set(xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1.01))
+    first = next(iter(reps.values()))
+    if first.num_classes == 2:
+        xlabel, ylabel = f"predicted probability of {first.labels[1]!r}", f"observed frequency of {first.labels[1]!r}"
+    else:
+        xlabel, ylabel = "probability of the predicted class", "how often the predicted class is right"
+    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01))
     ax.set_title("calibration on the test split", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     return fig
@@ -133,7 +162,7 @@ def examples(report: SiteReport, n: int = 8) -> Figure:
     if report.images is None:
         raise ValueError(f"site {report.site!r}: images are kept only for 2-D data")
     idx = report.example_indices(n)
-    names = _class_names(report)
+    names = report.labels
     cols = min(4, max(len(idx), 1))
     rows = max(1, -(-len(idx) // cols))
     fig = _figure(2.2 * cols, 2.4 * rows)
@@ -168,8 +197,8 @@ def segmentation_overlays(report: SiteReport, cases: Sequence[int] | np.ndarray 
             ax.contour(ref, levels=[0.5], colors="lime", linewidths=2.0)
         if pred.any():
             ax.contour(pred, levels=[0.5], colors="red", linewidths=1.0)
-        hd = report.per_case["hd95"][i]
-        hd_text = "-" if np.isnan(hd) else f"{hd:.1f}px"
+        hd = report.per_case[report.hd95_key][i]
+        hd_text = "-" if np.isnan(hd) else f"{hd:.1f} {report.hd95_unit}"
         ax.set_title(f"case {i}: Dice {report.per_case['dice'][i]:.2f}, HD95 {hd_text}", fontsize=8)
     fig.suptitle(f"{report.site}: reference (green) and prediction (red)", fontsize=10)
     return fig
@@ -178,8 +207,11 @@ def segmentation_overlays(report: SiteReport, cases: Sequence[int] | np.ndarray 
 def per_case(reports: Reports) -> Figure:
     """Distribution of per-case Dice and HD95 for one or several runs (box plots with the cases on top)."""
     reps = _as_mapping(reports)
+    first = next(iter(reps.values()))
+    mm = all("hd95_mm" in r.per_case for r in reps.values())  # one unit for every run, or pixels
+    hd95, hd_unit = ("hd95_mm", " (mm)") if mm else ("hd95", " (pixels)")
     fig = _figure(8, 3.2)
-    for j, (name, unit) in enumerate((("dice", ""), ("hd95", " (px)"))):
+    for j, (name, unit) in enumerate((("dice", ""), (hd95, hd_unit))):
         ax = fig.add_subplot(1, 2, j + 1)
         data = [r.per_case[name][np.isfinite(r.per_case[name])] for r in reps.values()]
         ax.boxplot(data, showfliers=False)
@@ -187,9 +219,9 @@ def per_case(reports: Reports) -> Figure:
         for k, d in enumerate(data):
             jitter = np.linspace(-0.15, 0.15, len(d)) if len(d) > 1 else np.zeros(len(d))
             ax.scatter(k + 1 + jitter, d, s=8, alpha=0.5)
-        ax.set_ylabel(f"per-case {name}{unit}")
+        ax.set_ylabel(f"per-case {name.removesuffix('_mm')}{unit}")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{next(iter(reps.values())).site}: per-case results on the test split", fontsize=10)
+    fig.suptitle(f"{first.site}: per-case results on the test split", fontsize=10)
     return fig
 
 
@@ -270,4 +302,31 @@ def privacy(spent: PrivacySpent, title: str = "") -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title or "privacy budget spent per site", fontsize=10)
+    return fig
+
+
+def new_scan(scan: NewScan) -> Figure:
+    """A prediction on a new scan: the class probabilities, or the mask over the scan's middle slice."""
+    fig = _figure(5, 3.2)
+    ax = fig.add_subplot()
+    row = scan.row
+    if "mask" in row:  # segmentation: the source grid the mask was written on
+        import nibabel as nib
+
+        from fedfew_med.data.readers import ReaderSet, read_image
+
+        image = np.asarray(read_image(scan.scan, ReaderSet()))[0]
+        mask = np.asarray(nib.load(row["mask"]).dataobj)  # type: ignore[attr-defined]
+        if image.ndim == 3:  # the middle slice along the last axis
+            image, mask = image[..., image.shape[-1] // 2], mask[..., mask.shape[-1] // 2]
+        _show_image(ax, image[None])
+        if mask.any():
+            ax.contour(mask, levels=[0.5], colors="red", linewidths=1.0)  # rows and columns as imshow draws them
+        ax.set_title(f"{row['site']}: mask by {row['model']}", fontsize=9)
+    else:
+        probs = [float(row[f"p_{n}"]) for n in scan.class_names]
+        ax.barh(range(len(probs)), probs, color=["C3" if n == row["predicted"] else "C0" for n in scan.class_names])
+        ax.set_yticks(range(len(probs)), scan.class_names)
+        ax.set(xlim=(0, 1), xlabel="probability")
+        ax.set_title(f"{row['site']}: {row['predicted']} ({row['model']})", fontsize=9)
     return fig

@@ -10,8 +10,18 @@ import numpy as np
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, roc_curve
 
-from fedfew_med.evaluation.stats import Estimate
+from fedfew_med.evaluation.stats import DEFAULT_SEED, Estimate, RocBand, roc_band
 from fedfew_med.evaluation.table import Table
+
+METRIC_LABELS = {
+    "balanced_accuracy": "balanced accuracy",
+    "auc": "AUC",
+    "ppv": "PPV (positive predictive value)",
+    "npv": "NPV (negative predictive value)",
+    "hd95": "HD95 (pixels)",
+    "hd95_mm": "HD95 (mm)",
+}
+"""How the metrics tables name a metric (the keys of :attr:`SiteReport.metrics` otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -83,14 +93,28 @@ class SiteReport:
     images
         The test images (N, C, H, W) for 2-D data (for overlays), else None.
     metrics
-        Every metric with its bootstrap CI; point values equal the run's own evaluation.
+        Every metric with its bootstrap CI; point values equal the run's own evaluation. Classification
+        adds ``ppv`` and ``npv`` (class 1 against the rest); segmentation adds ``hd95_mm`` when the
+        voxel size of the grid is known in mm (``hd95`` is in pixels, as the run records it).
     per_case
-        Segmentation: ``dice`` and ``hd95`` (pixels; NaN where either mask is empty), each (N,).
-        Classification: ``correct`` (0/1) and ``confidence`` (probability of the predicted class).
+        Segmentation: ``dice``, ``hd95`` (pixels) and, when known, ``hd95_mm`` (NaN where either mask
+        is empty), each (N,). Classification: ``correct`` (0/1) and ``confidence`` (probability of the
+        predicted class).
     primary
         The run's headline metric (``accuracy`` or ``dice``).
     metadata
         The site's data metadata (protocol, sizes, label counts...).
+    class_names
+        The site's label names (``[labels].names`` of its site file); empty when it has none.
+    checks
+        Classification: the run's plausibility checks (:func:`fedfew_med.metrics.prediction_checks`:
+        ``auc_low`` / ``auc_high``, the Hanley-McNeil 95% interval, and ``classes_predicted``).
+    flags
+        The run's warnings about this result (:func:`fedfew_med.metrics.result_flags`); empty when none.
+    seed
+        Seed of the bootstrap behind :attr:`metrics` (:meth:`roc_band` draws the same resamples).
+    hd95_note
+        Segmentation: the unit of HD95 and where it comes from.
     """
 
     site: str
@@ -104,6 +128,11 @@ class SiteReport:
     per_case: dict[str, np.ndarray]
     primary: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+    checks: Mapping[str, float] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+    seed: int = DEFAULT_SEED
+    hd95_note: str = ""
 
     @property
     def is_classification(self) -> bool:
@@ -122,15 +151,46 @@ class SiteReport:
         """Predicted class per case (N,), or predicted mask per case (N, *spatial)."""
         return self.probs.argmax(axis=1)
 
+    @property
+    def labels(self) -> list[str]:
+        """A name per class: the site's label names, else ``class 0``, ``class 1``..."""
+        if len(self.class_names) == self.num_classes:
+            return list(self.class_names)
+        return [f"class {c}" for c in range(self.num_classes)]
+
+    @property
+    def hd95_key(self) -> str:
+        """``hd95_mm`` when HD95 is known in mm, else ``hd95`` (pixels)."""
+        return "hd95_mm" if "hd95_mm" in self.per_case else "hd95"
+
+    @property
+    def hd95_unit(self) -> str:
+        """``mm`` or ``px``: the unit of ``per_case[hd95_key]``."""
+        return "mm" if self.hd95_key == "hd95_mm" else "px"
+
+    def warnings(self) -> list[str]:
+        """The result's warnings as sentences naming the site (empty when there is none)."""
+        return [f"WARNING: {self.site} ({self.method}) {flag}" for flag in self.flags]
+
     def metrics_table(self) -> Table:
         """Metric, point estimate and CI bounds, one row per metric."""
         any_est = next(iter(self.metrics.values()), None)
         level = any_est.level if any_est else 0.95
-        rows = [[name, e.value, e.low, e.high, f"{e.n_valid}/{e.n_resamples}"] for name, e in self.metrics.items()]
-        note = (f"{round(level * 100)}% percentile-bootstrap intervals over the {len(self.targets)} test cases; "
-                "'resamples' counts those on which the metric is defined.")
+        rows = [[METRIC_LABELS.get(name, name), e.value, e.low, e.high, f"{e.n_valid}/{e.n_resamples}"]
+                for name, e in self.metrics.items()]
+        notes = [f"{round(level * 100)}% percentile-bootstrap intervals over the {len(self.targets)} test cases; "
+                 "'resamples' counts those on which the metric is defined."]
+        if self.is_classification:
+            positive = self.labels[1] if self.num_classes > 1 else "class 1"
+            prevalence = int((self.targets == 1).sum())
+            notes.append(f"Sensitivity, specificity, PPV and NPV take {positive!r} as positive (all other classes "
+                         f"negative), as called by the model's argmax. PPV and NPV depend on how common {positive!r} is: "
+                         f"{prevalence} of these {len(self.targets)} test cases.")
+        if self.is_segmentation and self.hd95_note:
+            notes.append(f"HD95: {self.hd95_note}.")
+        notes.extend(self.warnings())
         return Table(["metric", "value", "CI low", "CI high", "resamples"], rows,
-                     title=f"{self.site}: {self.deployed.reason}", notes=(note,))
+                     title=f"{self.site}: {self.deployed.reason}", notes=tuple(notes))
 
     # ------------------------------------------------------------ classification
     def _require(self, classification: bool) -> None:
@@ -154,6 +214,43 @@ class SiteReport:
             fpr, tpr, _ = roc_curve(y, self.probs[:, c])
             out[c] = (fpr, tpr)
         return out
+
+    def roc_band(self, positive_class: int = 1, *, grid_size: int = 101) -> RocBand:
+        """The ROC curve of ``positive_class`` (against the rest) with its pointwise bootstrap band.
+
+        Same resamples as :attr:`metrics` (same number, level and seed); see
+        :func:`fedfew_med.evaluation.stats.roc_band`.
+        """
+        self._require(True)
+        est = next(iter(self.metrics.values()))
+        return roc_band(self.probs[:, positive_class], self.targets == positive_class, n_resamples=est.n_resamples,
+                        level=est.level, seed=self.seed, grid_size=grid_size)
+
+    def operating_point(self, positive_class: int = 1) -> tuple[float, float]:
+        """(false-positive rate, true-positive rate) of the decision the model makes: its argmax.
+
+        With two classes this is the threshold ``p(class 1) > 0.5``, and the point is
+        (1 - specificity, sensitivity) of :attr:`metrics`. NaN where a class is absent.
+        """
+        self._require(True)
+        called = self.predictions == positive_class
+        positive = self.targets == positive_class
+        tpr = float(called[positive].mean()) if positive.any() else float("nan")
+        fpr = float(called[~positive].mean()) if (~positive).any() else float("nan")
+        return fpr, tpr
+
+    def operating_point_text(self) -> str:
+        """The operating point in words, with the bootstrap intervals of sensitivity, specificity, PPV and NPV."""
+        self._require(True)
+        if self.num_classes != 2:
+            return (f"{self.site}: the model calls the class with the highest probability (argmax over "
+                    f"{self.num_classes} classes); each one-vs-rest ROC curve marks where that decision puts it.")
+        names = self.labels
+        m = self.metrics
+        parts = [f"{label} {m[key]}" for key, label in (("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                                                        ("ppv", "PPV"), ("npv", "NPV")) if key in m]
+        return (f"{self.site}: operating point: the model calls {names[1]!r} when p({names[1]}) > 0.5 (its argmax); "
+                f"there: {', '.join(parts)} ({round(m['sensitivity'].level * 100)}% CIs)")
 
     def confusion(self) -> np.ndarray:
         """Confusion matrix (C, C): rows are reference classes, columns predicted classes."""
@@ -203,14 +300,17 @@ class SiteReport:
         return candidates[np.argsort(dice[candidates], kind="stable")][:n]
 
     def case_table(self, cases: np.ndarray | None = None) -> Table:
-        """Per-case Dice, HD95 (pixels) and object areas (pixels) for ``cases`` (default: all)."""
+        """Per-case Dice, HD95 (pixels, and mm when known) and object areas (pixels) for ``cases`` (default: all)."""
         self._require(False)
         idx = np.arange(len(self.targets)) if cases is None else np.asarray(cases)
         ref_area = self.targets.reshape(len(self.targets), -1).astype(bool).sum(axis=1)
         pred_area = (self.predictions.reshape(len(self.targets), -1) > 0).sum(axis=1)
-        rows = [[int(i), float(self.per_case["dice"][i]), float(self.per_case["hd95"][i]), int(ref_area[i]), int(pred_area[i])]
+        mm = "hd95_mm" in self.per_case
+        rows = [[int(i), float(self.per_case["dice"][i]), float(self.per_case["hd95"][i]),
+                 *([float(self.per_case["hd95_mm"][i])] if mm else []), int(ref_area[i]), int(pred_area[i])]
                 for i in idx]
-        return Table(["case", "dice", "hd95 (px)", "reference area (px)", "predicted area (px)"], rows,
-                     title=f"{self.site}: per-case results ({self.method})",
-                     notes=("HD95 is undefined ('-') where the reference or the prediction is empty; "
-                            "Dice is 1 where both are empty.",))
+        notes = ["HD95 is undefined ('-') where the reference or the prediction is empty; Dice is 1 where both are empty."]
+        if self.hd95_note:
+            notes.append(f"HD95: {self.hd95_note}.")
+        return Table(["case", "dice", "hd95 (px)", *(["hd95 (mm)"] if mm else []), "reference area (px)", "predicted area (px)"],
+                     rows, title=f"{self.site}: per-case results ({self.method})", notes=tuple(notes))

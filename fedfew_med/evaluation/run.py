@@ -6,7 +6,8 @@ server models and site states of the latest checkpoint, and deploys and scores
 exactly as the simulation's evaluation does (``SiteRuntime.work`` at the
 checkpoint's round, ``Algorithm.deploy``, the test split, ``fedfew_med.metrics``).
 The point estimates of a :class:`SiteReport` therefore equal the run's
-``summary.json``; the bootstrap intervals are added on top.
+``summary.json`` (and so do its warnings); the bootstrap intervals, PPV / NPV and, for
+segmentation on images with a physical voxel size, HD95 in mm are added on top.
 
 Every model file read here is checked against the SHA-256 recorded when it was written
 (checkpoints by :func:`fedfew_med.checkpoint.load`, the served ``models.safetensors`` by
@@ -29,6 +30,7 @@ from fedfew_med.algorithms import Algorithm, Params
 from fedfew_med.config import FederationConfig, federation_from_dict
 from fedfew_med.data import SiteData, build_sites
 from fedfew_med.dp.federation import network_preparer
+from fedfew_med.evaluation.geometry import grid_spacing
 from fedfew_med.evaluation.report import Deployed, SiteReport, explain
 from fedfew_med.evaluation.stats import (
     DEFAULT_LEVEL,
@@ -38,11 +40,22 @@ from fedfew_med.evaluation.stats import (
     classification_statistic,
     mean_statistic,
     per_case_segmentation,
+    predictive_values,
 )
 from fedfew_med.evaluation.table import Table
-from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_metrics
+from fedfew_med.metrics import (
+    classification_metrics,
+    headline_metric,
+    prediction_checks,
+    result_flags,
+    segmentation_metrics,
+)
 from fedfew_med.runtime import ModelFacts, SiteRuntime, local_runtimes, make_algorithm
 from fedfew_med.training import SiteState
+
+
+class UnknownSiteError(ValueError):
+    """A site name that is not one of the run's sites; the message lists the sites there are."""
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -108,6 +121,28 @@ class Run:
         """Site names, sorted."""
         return sorted(self.site_data)
 
+    def resolve_site(self, site: str | None = None) -> str:
+        """``site`` if it is one of the run's sites; the run's first site (:attr:`sites`) when it is empty.
+
+        Raises
+        ------
+        UnknownSiteError
+            When ``site`` names no site of this run (the message lists the run's sites).
+        """
+        return self._known(site) if site else self.sites[0]
+
+    def _known(self, site: str) -> str:
+        if site not in self.site_data:
+            raise UnknownSiteError(f"{self.run_dir} has no site {site!r}; its sites are {', '.join(self.sites)} "
+                                   "(an empty site name picks the first one)")
+        return site
+
+    def class_names(self, site: str | None = None) -> tuple[str, ...]:
+        """The label names of ``site`` (default: the first site), from its site file; empty when it has none."""
+        meta = self.site_data[self.resolve_site(site)].metadata
+        names = meta.get("classes") or meta.get("class_names") or ()
+        return tuple(str(n) for n in names)
+
     @property
     def method(self) -> str:
         """The algorithm's config name (``fedfew``, ``fedavg``, ``local``...)."""
@@ -129,8 +164,8 @@ class Run:
 
     @property
     def metric(self) -> str:
-        """The headline metric of the task (``accuracy``, ``dice``)."""
-        return PRIMARY[self.task]
+        """The run's headline metric: ``[run].metric``, else the task's (``accuracy``, ``dice``)."""
+        return headline_metric(self.task, self.config.run.metric)
 
     def final_models(self) -> list[Params]:
         """The K server models the run wrote at its end (``models.safetensors``), after checking their SHA-256.
@@ -166,9 +201,13 @@ class Run:
         -------
         SiteReport
             Reports are kept on the run object, so asking twice costs nothing.
+
+        Raises
+        ------
+        UnknownSiteError
+            When ``site`` is not a site of the run.
         """
-        if site not in self._runtimes:
-            raise KeyError(f"{self.run_dir}: no site {site!r}; the sites are {', '.join(self.sites)}")
+        self._known(site)
         key = (site, n_resamples, level, seed)
         if key not in self._reports:
             self._reports[key] = self._report(site, n_resamples=n_resamples, level=level, seed=seed)
@@ -183,9 +222,7 @@ class Run:
             As :meth:`fedfew_med.training.SiteWork.predict` (records in the split's stored order),
             and the deployed server model's index (None for a site-local model).
         """
-        if site not in self._runtimes:
-            raise KeyError(f"{self.run_dir}: no site {site!r}; the sites are {', '.join(self.sites)}")
-        rt = self._runtimes[site]
+        rt = self._runtimes[self._known(site)]
         work = rt.work(self.round, rt.state.copy())  # as SiteRuntime.evaluate: the real state stays untouched
         dep = self.algorithm.deploy(site, self.server_models, work)
         probs, targets = work.predict(dep.params, slot=dep.slot, split=split)
@@ -204,17 +241,27 @@ class Run:
         probs_t, targets_t = work.predict(dep.params, slot=dep.slot, split="test")
         probs = probs_t.numpy()
         data = self.site_data[site]
+        checks: dict[str, float] = {}
+        hd95_note = ""
         if data.task in ("classification", "tabular"):
             targets = targets_t.numpy()
-            point = classification_metrics(probs, targets)
+            library = classification_metrics(probs, targets)
+            checks = prediction_checks(probs, targets)
+            flags = result_flags({**library, **checks})  # the run's own warnings (summary.json per_site.<site>.flags)
+            point = {**library, **predictive_values(probs, targets)}
             statistic = classification_statistic(probs, targets)
             per_case = {"correct": (probs.argmax(axis=1) == targets).astype(np.float64), "confidence": probs.max(axis=1)}
         else:
             pred = probs_t.argmax(dim=1, keepdim=True)
+            geometry = grid_spacing(data)
+            hd95_note = geometry.note
             with warnings.catch_warnings():  # MONAI's own call of a deprecated argument, not ours
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
                 point = segmentation_metrics(pred, targets_t, probs.shape[1])
-                per_case = per_case_segmentation(pred, targets_t, probs.shape[1])
+                per_case = per_case_segmentation(pred, targets_t, probs.shape[1], spacing=geometry.spacing)
+            flags = result_flags(point)
+            if "hd95_mm" in per_case:  # the mean over cases with both masks, as the run's pixel value
+                point["hd95_mm"] = float(np.nanmean(per_case["hd95_mm"])) if np.isfinite(per_case["hd95_mm"]).any() else float("nan")
             statistic = mean_statistic(per_case)
             targets = targets_t[:, 0].numpy()
         metrics = bootstrap(statistic, point, len(probs), n_resamples=n_resamples, level=level, seed=seed)
@@ -223,7 +270,8 @@ class Run:
             images = torch.cat([b["image"] for b in data.loader("test", batch_size=256)]).numpy()
         return SiteReport(site=site, method=self.label, task=data.task, deployed=deployed, probs=probs, targets=targets,
                           images=images, metrics=metrics, per_case=per_case, primary=self.metric,
-                          metadata=dict(data.metadata))
+                          metadata=dict(data.metadata), class_names=self.class_names(site), checks=checks,
+                          flags=tuple(flags), seed=seed, hd95_note=hd95_note)
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -292,5 +340,7 @@ def compare(runs: Mapping[str, Run], site: str, *, metrics: list[str] | None = N
     for label, rep in reports.items():
         model = "own" if rep.deployed.model_index is None else str(rep.deployed.model_index)
         rows.append([label, rep.method, model, *[rep.metrics[m] for m in names]])
+    notes = [f"{round(level * 100)}% percentile-bootstrap intervals, {n_resamples} resamples of the test cases (seed {seed})."]
+    notes += [f"WARNING: {label}: {flag}" for label, rep in reports.items() for flag in rep.flags]
     return Table(["run", "method", "deployed model", *names], rows, title=f"{site}: deployed model on its test split",
-                 notes=(f"{round(level * 100)}% percentile-bootstrap intervals, {n_resamples} resamples of the test cases (seed {seed}).",))
+                 notes=tuple(notes))

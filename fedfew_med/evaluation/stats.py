@@ -13,8 +13,11 @@ and counted in :attr:`Estimate.n_valid`). No global RNG is touched.
 
 Classification metrics are recomputed on every resample with vectorised numpy versions
 of :func:`fedfew_med.metrics.classification_metrics` (same definitions; the test suite
-checks both against each other and against a plain loop). Segmentation metrics are
-means of per-case values, so the bootstrap resamples the per-case Dice and HD95.
+checks both against each other and against a plain loop), plus the predictive values
+of :func:`predictive_values` (PPV, NPV), which only the evaluation layer reports.
+Segmentation metrics are means of per-case values, so the bootstrap resamples the
+per-case Dice and HD95. :func:`roc_band` draws the same resampled cases (same seed) for a
+pointwise band around the ROC curve.
 """
 
 from __future__ import annotations
@@ -122,6 +125,28 @@ def bootstrap(
 
 
 # ---------------------------------------------------------------- classification
+def predictive_values(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Positive and negative predictive value of the argmax prediction, class 1 against the rest.
+
+    As sensitivity and specificity in :func:`fedfew_med.metrics.classification_metrics`: a case
+    is positive when its reference class is 1, and called positive when the argmax is 1.
+
+    Returns
+    -------
+    dict
+        ``ppv`` = TP / (TP + FP) (NaN when nothing is called positive) and
+        ``npv`` = TN / (TN + FN) (NaN when nothing is called negative).
+    """
+    targets = np.asarray(targets)
+    called = np.asarray(probs).argmax(axis=1) == 1
+    positive = targets == 1
+    n_called, n_cleared = int(called.sum()), int((~called).sum())
+    return {
+        "ppv": float((called & positive).sum() / n_called) if n_called else float("nan"),
+        "npv": float((~called & ~positive).sum() / n_cleared) if n_cleared else float("nan"),
+    }
+
+
 def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den elementwise, NaN where den is 0."""
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
@@ -143,7 +168,7 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
 
 def classification_statistic(probs: np.ndarray, targets: np.ndarray) -> Statistic:
-    """The metrics of :func:`fedfew_med.metrics.classification_metrics`, vectorised over resamples.
+    """The metrics of :func:`fedfew_med.metrics.classification_metrics` and :func:`predictive_values`, vectorised over resamples.
 
     Parameters
     ----------
@@ -175,21 +200,130 @@ def classification_statistic(probs: np.ndarray, targets: np.ndarray) -> Statisti
             auc = np.mean(np.stack([_auc(probs[idx, c], t == c) for c in range(num_classes)], axis=1), axis=1)
         positive = t == 1
         negative = ~positive
-        p = pred[idx]
+        called = pred[idx] == 1
         return {
             "accuracy": ok.mean(axis=1),
             "balanced_accuracy": balanced,
             "auc": auc,
-            "sensitivity": _safe_ratio((positive & (p == 1)).sum(axis=1), positive.sum(axis=1)),
-            "specificity": _safe_ratio((negative & (p != 1)).sum(axis=1), negative.sum(axis=1)),
+            "sensitivity": _safe_ratio((positive & called).sum(axis=1), positive.sum(axis=1)),
+            "specificity": _safe_ratio((negative & ~called).sum(axis=1), negative.sum(axis=1)),
+            "ppv": _safe_ratio((positive & called).sum(axis=1), called.sum(axis=1)),
+            "npv": _safe_ratio((negative & ~called).sum(axis=1), (~called).sum(axis=1)),
         }
 
     return statistic
 
 
+@dataclass(frozen=True)
+class RocBand:
+    """An ROC curve on a fixed false-positive-rate grid with a pointwise bootstrap band.
+
+    Attributes
+    ----------
+    fpr
+        (G,) the grid, from 0 to 1.
+    tpr
+        (G,) the curve of the whole test split at the grid.
+    low, high
+        (G,) pointwise percentile interval of the resampled curves (vertical averaging); NaN
+        when no resample has both classes.
+    level
+        Confidence level, e.g. 0.95.
+    n_valid
+        Resamples with both classes (the others have no ROC curve), out of ``n_resamples``.
+    n_resamples
+        Resamples drawn.
+    """
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    level: float
+    n_valid: int
+    n_resamples: int
+
+
+def _tpr_on_grid(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The ROC curve through the points (fpr, tpr) (fpr non-decreasing), read at ``grid``.
+
+    Linear between points; on a vertical stretch (several points at one fpr) the highest tpr,
+    i.e. the curve as far as it gets at that false-positive rate.
+    """
+    j = np.searchsorted(fpr, grid, side="right") - 1  # the last point at or left of each grid value
+    nxt = np.minimum(j + 1, len(fpr) - 1)
+    x0, x1 = fpr[j], fpr[nxt]
+    step = np.where(x1 > x0, (grid - x0) / np.where(x1 > x0, x1 - x0, 1.0), 0.0)
+    return tpr[j] + step * (tpr[nxt] - tpr[j])
+
+
+def _roc_on_grid(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """ROC curves of weighted case sets read at ``grid``: (B, G), NaN rows where a class is absent.
+
+    scores, positive: (n,); counts: (B, n) how often each case is in each set.
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, pos, w = scores[order], positive[order], counts[:, order]
+    ends = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last case of each group of tied scores
+    tp = np.cumsum(w * pos, axis=1)[:, ends]  # (B, T) true positives at each threshold, highest first
+    fp = np.cumsum(w * ~pos, axis=1)[:, ends]
+    n_pos, n_neg = tp[:, -1], fp[:, -1]
+    out = np.full((len(counts), len(grid)), np.nan)
+    for b in np.flatnonzero((n_pos > 0) & (n_neg > 0)):
+        fpr = np.r_[0.0, fp[b] / n_neg[b]]
+        tpr = np.r_[0.0, tp[b] / n_pos[b]]
+        out[b] = _tpr_on_grid(fpr, tpr, grid)
+    return out
+
+
+def roc_band(
+    scores: np.ndarray,
+    positive: np.ndarray,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    level: float = DEFAULT_LEVEL,
+    seed: int = DEFAULT_SEED,
+    grid_size: int = 101,
+) -> RocBand:
+    """The ROC curve of ``scores`` for ``positive`` with a pointwise percentile-bootstrap band.
+
+    Each resample (the indices of :func:`bootstrap_indices`, so the same cases as the metrics'
+    intervals with the same seed) gives an ROC curve; every curve is read at ``grid_size``
+    false-positive rates from 0 to 1 (vertical averaging, Fawcett 2006) and the band is the
+    ``(1-level)/2`` and ``(1+level)/2`` quantiles at each rate. Resamples with one class only
+    have no curve and are left out (counted in :attr:`RocBand.n_valid`).
+
+    Parameters
+    ----------
+    scores
+        (N,) the score of the positive class (e.g. its probability).
+    positive
+        (N,) bool, the reference.
+    n_resamples, level, seed
+        As :func:`bootstrap`.
+    grid_size
+        Points of the false-positive-rate grid.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    grid = np.linspace(0.0, 1.0, grid_size)
+    idx = bootstrap_indices(len(scores), n_resamples=n_resamples, seed=seed)
+    counts = np.zeros(idx.shape)  # (B, n): how often each case was drawn
+    np.add.at(counts, (np.arange(len(idx))[:, None], idx), 1.0)
+    curves = _roc_on_grid(scores, positive, counts, grid)
+    valid = curves[np.isfinite(curves).all(axis=1)]
+    point = _roc_on_grid(scores, positive, np.ones((1, len(scores))), grid)[0]
+    if len(valid):
+        low, high = np.quantile(valid, [(1.0 - level) / 2.0, (1.0 + level) / 2.0], axis=0)
+    else:
+        low = high = np.full(grid_size, np.nan)
+    return RocBand(grid, point, low, high, level, len(valid), n_resamples)
+
+
 # ---------------------------------------------------------------- segmentation
-def per_case_segmentation(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[str, np.ndarray]:
-    """Per-case foreground Dice and 95% Hausdorff distance (pixels), as in ``segmentation_metrics``.
+def per_case_segmentation(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                          spacing: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-case foreground Dice and 95% Hausdorff distance, as in ``segmentation_metrics``.
 
     Parameters
     ----------
@@ -197,14 +331,18 @@ def per_case_segmentation(pred: torch.Tensor, target: torch.Tensor, num_classes:
         (N, 1, *spatial) integer masks.
     num_classes
         Classes including background.
+    spacing
+        (N, D) voxel size of each case's grid (one value per spatial axis, e.g. mm), or None.
 
     Returns
     -------
     dict
         ``dice``: (N,) mean over foreground classes; a case where both masks are empty counts 1.
-        ``hd95``: (N,) mean over the foreground classes present in both masks; NaN where none is.
-        For a binary task the means of these arrays (``hd95`` ignoring NaN) equal
-        :func:`fedfew_med.metrics.segmentation_metrics`.
+        ``hd95``: (N,) in pixels (voxels), mean over the foreground classes present in both masks;
+        NaN where none is. For a binary task the means of these arrays (``hd95`` ignoring NaN)
+        equal :func:`fedfew_med.metrics.segmentation_metrics`.
+        ``hd95_mm``: (N,) the same distance in the units of ``spacing`` (MONAI's
+        ``compute_hausdorff_distance(..., spacing=...)``), only when ``spacing`` is given.
     """
     p = one_hot(pred.long(), num_classes)
     t = one_hot(target.long(), num_classes)
@@ -212,16 +350,27 @@ def per_case_segmentation(pred: torch.Tensor, target: torch.Tensor, num_classes:
     p_any = p[:, 1:].flatten(2).sum(-1) > 0
     t_any = t[:, 1:].flatten(2).sum(-1) > 0
     dice = torch.where(~p_any & ~t_any, torch.ones_like(dice), dice)
-    hd = torch.full_like(dice, float("nan"))
     both = p_any & t_any  # HD is undefined where either mask is empty
+    out = {"dice": dice.double().mean(dim=1).numpy(), "hd95": _hd95(p, t, both, None)}
+    if spacing is not None:
+        spacing = np.asarray(spacing, dtype=np.float64)
+        if spacing.shape != (len(pred), pred.ndim - 2):
+            raise ValueError(f"spacing must be (cases, spatial axes) = {(len(pred), pred.ndim - 2)}, got {spacing.shape}")
+        out["hd95_mm"] = _hd95(p, t, both, spacing)
+    return out
+
+
+def _hd95(p: torch.Tensor, t: torch.Tensor, both: torch.Tensor, spacing: np.ndarray | None) -> np.ndarray:
+    """Per-case HD95 of one-hot masks, mean over the classes ``both`` marks; (N,), NaN where none."""
+    hd = torch.full(both.shape, float("nan"), dtype=torch.float64)
     rows = both.any(dim=1)
     if rows.any():
-        d = compute_hausdorff_distance(p[rows], t[rows], include_background=False, percentile=95)
+        kept = None if spacing is None else [list(map(float, s)) for s in spacing[rows.numpy()]]
+        d = compute_hausdorff_distance(p[rows], t[rows], include_background=False, percentile=95, spacing=kept)
         hd[rows] = torch.where(both[rows], d.to(hd.dtype), torch.full_like(d, float("nan"), dtype=hd.dtype))
-    hd_np = hd.double().numpy()
+    hd_np = hd.numpy()
     valid = np.isfinite(hd_np)
-    hd_case = _safe_ratio(np.where(valid, hd_np, 0.0).sum(axis=1), valid.sum(axis=1))
-    return {"dice": dice.double().mean(dim=1).numpy(), "hd95": hd_case}
+    return _safe_ratio(np.where(valid, hd_np, 0.0).sum(axis=1), valid.sum(axis=1))
 
 
 def mean_statistic(per_case: Mapping[str, np.ndarray]) -> Statistic:

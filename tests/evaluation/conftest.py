@@ -1,4 +1,5 @@
-"""Tiny runs made once per test session: classification (FedFew, FedAvg, Local) and segmentation (FedFew)."""
+"""Tiny runs made once per test session: classification (FedFew, FedAvg, Local), segmentation (FedFew),
+and a DP run on PNG site files whose label map names the classes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from fedfew_med import evaluation as ev
 from fedfew_med.config import federation_from_dict
 from fedfew_med.simulation import run as simulate
 from tests.conftest import tiny_dict
+from tests.data import sitekit
+
+POLICY = Path(__file__).resolve().parents[2] / "privacy" / "policy.toml"
 
 ALGORITHMS = {
     "fedfew": {"name": "fedfew", "params": {"k": 2, "mu": 0.01}},
@@ -67,3 +71,44 @@ def cls_runs(cls_dirs: dict[str, Path]) -> dict[str, ev.Run]:
 @pytest.fixture(scope="session")
 def seg_run(seg_dir: Path) -> ev.Run:
     return ev.load_run(seg_dir)
+
+
+@pytest.fixture(scope="session")
+def collapsed_dir(cls_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the FedFew classification run whose summary says its K models collapsed into one."""
+    out = tmp_path_factory.mktemp("eval_collapsed") / "fedfew"
+    shutil.copytree(cls_dirs["fedfew"], out)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["model_use"].update(collapsed=True, spread=0.001,
+                                note="sites use 1 of 2 models, and the 2 models collapsed into one (relative spread 0.001)")
+    (out / "summary.json").write_text(json.dumps(summary))
+    return out
+
+
+def png_sites(root: Path, n_sites: int = 3, n: int = 40) -> list[str]:
+    """Site files of ``n_sites`` PNG sites (noise images) whose ``[labels].names`` are ``no_tumor`` and ``tumor``."""
+    return [str(sitekit.png_site(root / f"site{i}", n=n + 4 * i, site={"name": f"site{i}", "task": "classification"}))
+            for i in range(n_sites)]
+
+
+@pytest.fixture(scope="session")
+def png_dp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DP FedFew run (K = 2, ε = 8, 2 rounds) on PNG site files, started under ``privacy/policy.toml``."""
+    root = tmp_path_factory.mktemp("eval_png_dp")
+    config = tiny_dict(run={"rounds": 2}, data={"name": "sites", "params": {"files": png_sites(root / "data")}})
+    config["privacy"] = {"epsilon": 8.0, "delta": 1e-5}
+    run_dir = _simulate(config, root / "dp")
+    shutil.copyfile(POLICY, run_dir / "policy.toml")  # as `simulate --policy` keeps it
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def nifti_seg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FedAvg segmentation run (1 round, small 3-D U-Net) on two NIfTI sites of 1.5 x 1.5 x 2 mm voxels."""
+    root = tmp_path_factory.mktemp("eval_nifti_seg")
+    files = [str(sitekit.nifti_seg_site(root / f"site{i}", n=10, site={"name": f"site{i}", "task": "segmentation"}))
+             for i in range(2)]
+    config = segmentation_dict()
+    config.update(run={"name": "nifti", "seed": 3, "rounds": 1}, algorithm={"name": "fedavg", "params": {}},
+                  data={"name": "sites", "params": {"files": files}})
+    return _simulate(config, root / "fedavg")

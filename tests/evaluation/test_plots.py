@@ -25,10 +25,25 @@ def test_site_plots(cls_runs, seg_run, tmp_path):
         "calibration": plots.calibration(reports), "examples": plots.examples(rep, n=5),
     }.items():
         _save(fig, tmp_path / f"{name}.png")
+    roc = plots.roc(rep)
+    ax = roc.axes[0]
+    assert len(ax.collections) >= 1  # the shaded bootstrap band (and the operating point's error bars)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("operating point p(class 1) > 0.5" in t for t in legend) and "bootstrap band" in ax.get_title()
     seg = seg_run.site_report(seg_run.sites[0], n_resamples=100)
     _save(plots.segmentation_overlays(seg, n=4), tmp_path / "overlays.png")
     _save(plots.per_case({"a": seg, "b": seg}), tmp_path / "per_case.png")
     _save(plots.metrics_with_ci(seg), tmp_path / "seg_ci.png")
+
+
+def test_label_names_on_the_plots(png_dp_dir):
+    run = ev.load_run(png_dp_dir)
+    rep = run.site_report(run.sites[0], n_resamples=50)
+    ticks = [t.get_text() for t in plots.confusion(rep).axes[0].get_xticklabels()]
+    assert ticks == ["no_tumor", "tumor"]
+    assert "'tumor'" in plots.roc(rep).axes[0].get_title()
+    titles = [ax.get_title() for ax in plots.examples(rep, n=4).axes if ax.get_title()]
+    assert titles and all("true no_tumor" in t or "true tumor" in t for t in titles)
 
 
 def test_federation_plots(cls_runs, seg_dp_dir, tmp_path):

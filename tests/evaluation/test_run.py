@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedfew_med import evaluation as ev
-from fedfew_med.metrics import classification_metrics
+from fedfew_med.metrics import classification_metrics, prediction_checks
 
 
 def _summary(run: ev.Run) -> dict:
@@ -34,11 +34,16 @@ def test_site_report_reproduces_the_runs_own_evaluation(cls_runs, method):
     summary = _summary(run)
     for site in run.sites:
         rep = run.site_report(site, n_resamples=200)
-        assert rep.deployed.model_index == summary["per_site"][site]["model"]
-        for name, value in summary["per_site"][site]["metrics"].items():
-            assert rep.metrics[name].value == pytest.approx(value, abs=1e-12, nan_ok=True), (site, name)
+        recorded = summary["per_site"][site]
+        assert rep.deployed.model_index == recorded["model"]
+        for name, value in recorded["metrics"].items():  # the metrics, and the checks behind the warnings
+            got = rep.metrics[name].value if name in rep.metrics else rep.checks[name]
+            assert got == pytest.approx(value, abs=1e-12, nan_ok=True), (site, name)
+        assert list(rep.flags) == recorded["flags"]
         assert rep.probs.shape == (20, 2) and rep.targets.shape == (20,) and rep.images.shape == (20, 1, 16, 16)
         assert classification_metrics(rep.probs, rep.targets)["accuracy"] == rep.metrics["accuracy"].value
+        assert rep.checks == prediction_checks(rep.probs, rep.targets)
+        assert rep.labels == ["class 0", "class 1"]  # the synthetic federation names no classes
 
 
 def test_deployment_explains_the_choice(cls_runs):
@@ -70,6 +75,46 @@ def test_confidence_intervals_contain_the_estimate_and_are_reproducible(cls_runs
     assert (rep.metrics["accuracy"].low, rep.metrics["accuracy"].high) == pytest.approx(tuple(np.percentile(acc, [2.5, 97.5])))
 
 
+def test_ppv_npv_and_the_operating_point_by_hand(cls_runs):
+    rep = cls_runs["fedfew"].site_report(cls_runs["fedfew"].sites[0], n_resamples=200)
+    called, positive = rep.predictions == 1, rep.targets == 1
+    tp, fp = int((called & positive).sum()), int((called & ~positive).sum())
+    tn, fn = int((~called & ~positive).sum()), int((~called & positive).sum())
+    assert rep.metrics["ppv"].value == pytest.approx(tp / (tp + fp) if tp + fp else math.nan, nan_ok=True)
+    assert rep.metrics["npv"].value == pytest.approx(tn / (tn + fn) if tn + fn else math.nan, nan_ok=True)
+    fpr, tpr = rep.operating_point()
+    assert (fpr, tpr) == pytest.approx((1 - rep.metrics["specificity"].value, rep.metrics["sensitivity"].value))
+    assert tpr == pytest.approx(tp / (tp + fn)) and fpr == pytest.approx(fp / (fp + tn))
+    assert "p(class 1) > 0.5" in rep.operating_point_text() and "PPV" in rep.operating_point_text()
+    band = rep.roc_band()
+    assert band.n_resamples == 200 and band.fpr[0] == 0 and band.fpr[-1] == 1
+    again = ev.roc_band(rep.probs[:, 1], rep.targets == 1, n_resamples=200, seed=rep.seed)
+    assert np.array_equal(band.low, again.low, equal_nan=True)  # the report's own resamples
+    names = [str(r[0]) for r in rep.metrics_table().rows]
+    assert names[-2:] == ["PPV (positive predictive value)", "NPV (negative predictive value)"]
+
+
+def test_label_names_come_from_the_site_files(png_dp_dir):
+    run = ev.load_run(png_dp_dir)
+    assert run.class_names() == ("no_tumor", "tumor")  # sitekit's [labels].names
+    rep = run.site_report(run.resolve_site(""), n_resamples=50)
+    assert rep.site == "site0" and rep.labels == ["no_tumor", "tumor"]
+    assert "p(tumor) > 0.5" in rep.operating_point_text()
+    assert any("'tumor' as positive" in note for note in rep.metrics_table().notes)
+    summary = json.loads((png_dp_dir / "summary.json").read_text())
+    for site in run.sites:
+        flags = run.site_report(site, n_resamples=50).flags
+        assert list(flags) == summary["per_site"][site]["flags"]
+
+
+def test_the_default_site_is_the_runs_first_and_unknown_sites_are_named(cls_runs):
+    run = cls_runs["fedfew"]
+    assert run.resolve_site("") == run.resolve_site(None) == run.sites[0]
+    assert run.resolve_site(run.sites[2]) == run.sites[2]
+    with pytest.raises(ev.UnknownSiteError, match=r"has no site 'site07-noisy'; its sites are site00-bright, site01-dark, site02-noisy \(an empty"):
+        run.resolve_site("site07-noisy")
+
+
 def test_classification_curves(cls_runs):
     rep = cls_runs["fedfew"].site_report(cls_runs["fedfew"].sites[0], n_resamples=200)
     (fpr, tpr), = rep.roc_curves().values()
@@ -97,6 +142,8 @@ def test_segmentation_report(seg_run):
     assert rep.metrics["hd95"].value == pytest.approx(summary["per_site"][site]["metrics"]["hd95"], abs=1e-9, nan_ok=True)
     assert rep.probs.shape == (20, 2, 16, 16) and rep.targets.shape == (20, 16, 16) and rep.images.shape == (20, 1, 16, 16)
     assert rep.per_case["dice"].shape == (20,) and rep.per_case["dice"].mean() == pytest.approx(rep.metrics["dice"].value)
+    assert "hd95_mm" not in rep.metrics and rep.hd95_key == "hd95" and rep.hd95_unit == "px"  # synthetic: no mm
+    assert "pixels" in rep.hd95_note and "HD95 (pixels)" in str(rep.metrics_table())
     est = rep.metrics["dice"]
     assert est.low <= est.value <= est.high
     worst = rep.worst_cases(3)
@@ -131,8 +178,10 @@ def test_load_runs_skips_missing_directories(cls_dirs, tmp_path):
 
 
 def test_errors_name_the_problem(cls_runs, cls_dirs, tmp_path):
-    with pytest.raises(KeyError, match="no site 'site99'; the sites are site00"):
+    with pytest.raises(ev.UnknownSiteError, match="no site 'site99'; its sites are site00"):
         cls_runs["fedfew"].site_report("site99")
+    with pytest.raises(ev.UnknownSiteError, match="no site ''"):
+        cls_runs["fedfew"].site_report("")
     broken = tmp_path / "no_ckpt"
     broken.mkdir()
     shutil.copy(cls_dirs["fedfew"] / "config.json", broken / "config.json")
@@ -160,3 +209,24 @@ def test_an_interrupted_run_is_evaluated_at_its_checkpoint(cls_dirs, tmp_path):
     summary = _summary(run)
     site = run.sites[0]
     assert run.site_report(site, n_resamples=50).metrics["accuracy"].value == summary["per_site"][site]["metric"]
+
+
+def test_hd95_in_mm_on_nifti_sites(nifti_seg_dir):
+    import torch
+
+    from fedfew_med.evaluation.stats import per_case_segmentation
+
+    run = ev.load_run(nifti_seg_dir)
+    summary = _summary(run)
+    rep = run.site_report(run.sites[0], n_resamples=50)
+    assert rep.hd95_key == "hd95_mm" and rep.hd95_unit == "mm" and "1.88 x 1.88 x 3 mm" in rep.hd95_note
+    # (10, 10, 6) voxels of 1.5 x 1.5 x 2 mm resized to (8, 8, 4): 1.875 x 1.875 x 3 mm, by hand
+    spacing = np.tile([10 * 1.5 / 8, 10 * 1.5 / 8, 6 * 2.0 / 4], (len(rep.targets), 1))
+    pred = torch.from_numpy(rep.predictions[:, None])
+    want = per_case_segmentation(pred, torch.from_numpy(rep.targets[:, None]), 2, spacing=spacing)
+    assert np.isfinite(want["hd95_mm"]).any(), "the tiny run should predict some foreground"
+    np.testing.assert_allclose(rep.per_case["hd95_mm"], want["hd95_mm"], equal_nan=True)
+    assert rep.metrics["hd95"].value == pytest.approx(summary["per_site"][rep.site]["metrics"]["hd95"], nan_ok=True)
+    finite = np.isfinite(want["hd95_mm"])
+    assert rep.metrics["hd95_mm"].value == pytest.approx(want["hd95_mm"][finite].mean() if finite.any() else math.nan, nan_ok=True)
+    assert "HD95 (mm)" in str(rep.metrics_table()) and "hd95 (mm)" in rep.case_table().columns

@@ -202,17 +202,25 @@ def _fmt(x: float | None) -> str:
     return "   -  " if x is None or x != x else f"{x:6.3f}"
 
 
+_SIDE_METRICS = {"accuracy": "acc", "balanced_accuracy": "bal.acc", "auc": "auc", "sensitivity": "sens",
+                 "specificity": "spec"}
+
+
 def summary_table(s: Mapping[str, Any]) -> str:
     """The per-site table of a run's summary: what ``simulate`` prints and the Flower coordinator logs at the end."""
     metric = s["metric"]
     has_ft = "summary_finetuned" in s
-    head = f"{'site':<18} {'protocol':<9} {'n_train':>7} {'model':>5} {metric:>8}" + (f" {'+ft':>8}" if has_ft else "")
+    # classification: the other four beside the headline, so that a useless model shows in its row
+    extra = [m for m in _SIDE_METRICS if m != metric and all(m in r.get("metrics", {}) for r in s["per_site"].values())]
+    head = (f"{'site':<18} {'protocol':<9} {'n_train':>7} {'model':>5} {metric:>8}" + (f" {'+ft':>8}" if has_ft else "")
+            + "".join(f" {_SIDE_METRICS[m]:>7}" for m in extra))
     lines = [head, "-" * len(head)]
     for site, row in s["per_site"].items():
         model = "local" if row["model"] is None else str(row["model"])
         line = f"{site:<18} {str(row['protocol'] or '-'):<9} {row['n_train']:>7} {model:>5} {_fmt(row['metric']):>8}"
         if has_ft:
             line += f" {_fmt(row.get('metric_finetuned')):>8}"
+        line += "".join(f" {_fmt(row['metrics'][m]):>7}" for m in extra)
         lines.append(line)
     lines.append("-" * len(head))
     sm = s["summary"]

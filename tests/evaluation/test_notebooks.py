@@ -147,3 +147,17 @@ def test_a_site_that_is_not_in_the_run_is_named_with_the_runs_sites(png_dp_dir, 
 
     with pytest.raises(CellExecutionError, match=r"UnknownSiteError.*has no site 'site02-noisy'; its sites are site0, site1, site2"):
         _execute(NOTEBOOKS[0])
+
+
+@pytest.mark.slow
+def test_notebook_01_on_nifti_segmentation_shows_the_scores_as_acquired_and_a_new_scans_mask(nifti_seg_dir, monkeypatch):
+    pytest.importorskip("nbclient")
+    monkeypatch.setenv("FEDFEW_RUN_DIR", str(nifti_seg_dir))
+    monkeypatch.setenv("FEDFEW_BASELINE_RUNS", "{}")
+    monkeypatch.delenv("FEDFEW_SITE", raising=False)
+    monkeypatch.setenv("FEDFEW_BOOTSTRAP", "50")
+    native = json.loads((nifti_seg_dir / "summary.json").read_text())["per_site"]["site0"]["metrics"]
+    text = _text(_execute(NOTEBOOKS[0]))
+    assert (f"As acquired (each test scan's own grid, against the original label files): Dice "
+            f"{native['dice_native']:.3f}, HD95 {native['hd95_native_mm']:.2f} mm") in text
+    assert "predicted by server model 0 (the run's deployment)" in text

@@ -59,6 +59,7 @@ def _progress_callbacks(total_rounds: int, num_sites: int, disable: bool) -> tup
         loading.total = total
         loading.set_postfix_str(message)
         loading.update(done - loading.n)
+        loading.refresh()  # every step shown: a site's step takes seconds, tqdm's own throttle would hide the last ones
         if done == total:
             loading.close()
 
@@ -230,7 +231,8 @@ def cmd_datasets_prepare(args: argparse.Namespace) -> int:
     alpha = args.alpha if args.alpha is not None else (0.1 if args.dataset == "fashion-mnist" else 0.5)
     default = {"br35h": f"data/br35h-{sites}sites-alpha{alpha:g}-seed{args.seed}", "heart-disease": "data/heart-disease",
                "fashion-mnist": f"data/fashion-mnist-{sites}sites-" + (f"alpha{alpha:g}" if args.scheme == "dirichlet"
-                                                                       else f"{args.classes_per_site}classes") + f"-seed{args.seed}"}
+                                                                       else f"{args.classes_per_site}classes") + f"-seed{args.seed}",
+               "volumes3d": "data/volumes3d" if args.source == "synthetic" else "data/volumes3d-mricron"}
     out = Path(args.out or default[args.dataset])
     if out.exists() and any(out.iterdir()):
         if not args.force:
@@ -244,6 +246,12 @@ def cmd_datasets_prepare(args: argparse.Namespace) -> int:
             prepared = datasets.prepare_fashion_mnist(out, num_sites=sites, scheme=args.scheme, alpha=alpha,
                                                       classes_per_site=args.classes_per_site, seed=args.seed,
                                                       max_records=args.records, root=args.root)
+        elif args.dataset == "volumes3d" and args.source == "mricron":
+            prepared = datasets.prepare_mricron_smoke(out, num_sites=sites, seed=args.seed, root=args.root,
+                                                      **({"volumes_per_site": args.volumes} if args.volumes is not None else {}))
+        elif args.dataset == "volumes3d":
+            prepared = datasets.prepare_volumes3d(out, num_sites=sites, seed=args.seed,
+                                                  **({"volumes_per_site": args.volumes} if args.volumes is not None else {}))
         else:
             prepared = datasets.prepare_heart_disease(out)
     except (ValueError, FileNotFoundError) as exc:  # bad arguments, or the data package is not installed
@@ -386,7 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
         "split them (Dirichlet or pathological label skew, 75/25 per site, a validation slice), with the papers' "
         "CNN (pflcnn). Example: fedfew-med datasets prepare fashion-mnist --sites 20 --alpha 0.1",
     )
-    prep.add_argument("dataset", choices=["br35h", "heart-disease", "fashion-mnist"])
+    prep.add_argument("dataset", choices=["br35h", "heart-disease", "fashion-mnist", "volumes3d"])
+    prep.add_argument("--source", choices=["synthetic", "mricron"], default="synthetic",
+                      help="volumes3d: seeded synthetic 3-D lesion volumes (default), or 'mricron', a SINGLE-SUBJECT "
+                      "SMOKE TEST on one real T1 head and its AAL atlas (apt-get install mricron-data; --root to override "
+                      "/usr/share/mricron/templates)")
+    prep.add_argument("--volumes", type=int, default=None,
+                      help="volumes3d: volumes per site (default 16 synthetic, 12 mricron)")
     prep.add_argument("--sites", type=int, default=None, help="number of simulated sites (br35h: default 4; fashion-mnist: 20)")
     prep.add_argument("--alpha", type=float, default=None,
                       help="Dirichlet label-skew concentration (br35h: default 0.5; fashion-mnist: 0.1)")

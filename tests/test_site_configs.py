@@ -18,6 +18,7 @@ EXPECTED = {  # file -> (algorithm, model, data source)
     "br35h_federation.toml": ("fedfew", "classifier", "sites"),
     "demo_federation.toml": ("fedfew", "classifier", "synthetic"),
     "synthetic_segmentation.toml": ("fedfew", "unet", "synthetic"),
+    "volumes3d_federation.toml": ("fedfew", "unet", "sites"),
 }
 
 
@@ -29,6 +30,12 @@ def test_every_shipped_federation_is_listed():
 def test_federation_loads(name):
     config = load_federation(CONFIGS / name)
     assert (config.algorithm.name, config.model.name, config.data.name) == EXPECTED[name]
+
+
+def test_volumes3d_points_at_the_prepared_data():
+    config = load_federation(CONFIGS / "volumes3d_federation.toml")
+    root = CONFIGS.parent / "data" / "volumes3d"
+    assert list(config.data.params["files"]) == [str((root / f"site{i}.toml").resolve()) for i in range(4)]
 
 
 def test_br35h_demo_points_at_the_prepared_data():

@@ -271,7 +271,8 @@ def test_the_headline_metric_is_chosen_by_run_metric_and_useless_models_are_flag
         assert [("single class" in f, "includes 0.5" in f) for f in row["flags"]] == \
             [(True, False)] * single + [(False, True)] * chance
     table = summary_table(s)
-    assert table.splitlines()[0].split()[-1] == "balanced_accuracy"
+    # the headline first, then the other four classification metrics
+    assert table.splitlines()[0].split()[4:] == ["balanced_accuracy", "acc", "auc", "sens", "spec"]
     assert table.count("warning: ") == sum(len(r["flags"]) for r in s["per_site"].values())
     with pytest.raises(ConfigError, match=r"tiny.toml: \[run\].metric must be one of accuracy, .*lower-is-better.*'hd95'"):
         run(_config(run={"rounds": 1, "metric": "hd95"}), run_dir=tmp_path / "bad")

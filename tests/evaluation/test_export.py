@@ -20,7 +20,7 @@ from monai.bundle import ConfigParser, verify_net_in_out
 from safetensors.torch import load_file
 
 from fedfew_med.cli import main
-from fedfew_med.config import ConfigError, load_federation
+from fedfew_med.config import ConfigError
 from fedfew_med.data.native import image_pipeline
 from fedfew_med.data.sites import load_site
 from fedfew_med.dp.networks import make_dp_ready
@@ -35,9 +35,9 @@ from fedfew_med.evaluation.export import (
 from fedfew_med.evaluation.predict import predict, served_model
 from fedfew_med.models import build_model
 from fedfew_med.runtime import ModelFacts
-from fedfew_med.simulation import run as simulate
 from fedfew_med.site_config import load_site_config
 from tests.data import sitekit as kit
+from tests.evaluation.sitefed import federation, named
 
 # Probabilities: predict writes them rounded to 6 decimals (error <= 5e-7) and the bundle runs in another
 # process, where another thread count may sum float32 products in another order (~1e-7): 1e-5 holds both
@@ -61,20 +61,6 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _named(site: Path, name: str) -> Path:
-    site.write_text(site.read_text().replace('name = "site0"', f'name = "{name}"'))
-    return site
-
-
-def _federation(tmp_path: Path, files: list[Path], model: str, rounds: int = 2) -> Path:
-    fed = tmp_path / "federation.toml"
-    fed.write_text(
-        f"[run]\nrounds = {rounds}\n[algorithm]\nname = \"fedfew\"\nparams = {{k = 2}}\n[training]\nbatch_size = 4\n"
-        f"[model]\n{model}\n[data]\nname = \"sites\"\nparams = {{files = {json.dumps([str(f) for f in files])}}}\n"
-    )
-    run_dir = tmp_path / "run"
-    simulate(load_federation(fed), run_dir=run_dir)
-    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +68,8 @@ def cls_run(tmp_path_factory):
     """Two PNG sites trained (FedFew, K = 2) and a third that did not; 6 × 9 images (not square: a
     transposed read would change every prediction) resized to 8 × 8."""
     root = tmp_path_factory.mktemp("export")
-    files = [_named(kit.png_site(root / f"s{i}", n=16 + i, size=(6, 9)), f"site{i}") for i in range(3)]
-    run_dir = _federation(root, files[:2], 'name = "classifier"\nparams = {channels = [4, 8], strides = [2, 2]}')
+    files = [named(kit.png_site(root / f"s{i}", n=16 + i, size=(6, 9)), f"site{i}") for i in range(3)]
+    run_dir = federation(root, files[:2], 'name = "classifier"\nparams = {channels = [4, 8], strides = [2, 2]}')
     return run_dir, files
 
 
@@ -306,8 +292,8 @@ def test_the_bundles_network_is_the_one_fedfew_med_builds(name, params, dims, ta
 ], ids=["resized", "patches"])
 def test_the_bundle_writes_predicts_masks_on_the_source_grid(tmp_path, extra):
     pre = {"preprocessing": {"spatial_size": [8, 8, 4], **extra}}
-    files = [_named(kit.nifti_seg_site(tmp_path / f"s{i}", **pre), f"site{i}") for i in range(2)]
-    run_dir = _federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
+    files = [named(kit.nifti_seg_site(tmp_path / f"s{i}", **pre), f"site{i}") for i in range(2)]
+    run_dir = federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
     bundle = export_bundle(run_dir, files[0], tmp_path / "bundle")
     inferer = json.loads(bundle.inference.read_text())["inferer"]
     if extra.get("patches_per_image"):

@@ -22,23 +22,7 @@ from fedfew_med.evaluation.predict import predict, served_model
 from fedfew_med.simulation import run as simulate
 from fedfew_med.site_config import load_site_config
 from tests.data import sitekit as kit
-
-
-def _named(site: Path, name: str) -> Path:
-    site.write_text(site.read_text().replace('name = "site0"', f'name = "{name}"'))
-    return site
-
-
-def _federation(tmp_path: Path, files: list[Path], model: str, rounds: int = 2) -> Path:
-    fed = tmp_path / "federation.toml"
-    fed.write_text(
-        f"[run]\nrounds = {rounds}\n[algorithm]\nname = \"fedfew\"\nparams = {{k = 2}}\n[training]\nbatch_size = 4\n"
-        f"[model]\n{model}\n[data]\nname = \"sites\"\nparams = {{files = {json.dumps([str(f) for f in files])}}}\n"
-    )
-    run_dir = tmp_path / "run"
-    simulate(load_federation(fed), run_dir=run_dir)
-    return run_dir
-
+from tests.evaluation.sitefed import federation, named
 
 CLASSIFIER = 'name = "classifier"\nparams = {channels = [4, 8], strides = [2, 2]}'
 
@@ -46,8 +30,8 @@ CLASSIFIER = 'name = "classifier"\nparams = {channels = [4, 8], strides = [2, 2]
 @pytest.fixture(scope="module")
 def cls_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    files = [_named(kit.png_site(root / f"s{i}", n=16 + i, size=(8, 8)), f"site{i}") for i in range(3)]
-    return _federation(root, files[:2], CLASSIFIER), files
+    files = [named(kit.png_site(root / f"s{i}", n=16 + i, size=(8, 8)), f"site{i}") for i in range(3)]
+    return federation(root, files[:2], CLASSIFIER), files
 
 
 def _test_split_csv(site_file: Path, out: Path) -> tuple[Path, list[str]]:
@@ -119,8 +103,8 @@ def test_a_new_site_predicts_with_the_model_it_chose(cls_run, tmp_path):
 @pytest.mark.parametrize("patches", [0, 1])
 def test_segmentation_masks_are_written_on_the_source_grid(tmp_path, patches):
     extra = {"preprocessing": {"spatial_size": [8, 8, 4], "patches_per_image": patches}}
-    files = [_named(kit.nifti_seg_site(tmp_path / f"s{i}", **extra), f"site{i}") for i in range(2)]
-    run_dir = _federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
+    files = [named(kit.nifti_seg_site(tmp_path / f"s{i}", **extra), f"site{i}") for i in range(2)]
+    run_dir = federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
     images = tmp_path / "s0" / "imagesTr"
     result = predict(run_dir, files[0], images, tmp_path / "out")
     assert len(result.written) == 6 and not result.skipped
@@ -147,8 +131,8 @@ def test_segmentation_masks_are_written_on_the_source_grid(tmp_path, patches):
 
 def test_segmentation_with_labels_is_scored_on_the_source_grid_in_mm(tmp_path):
     extra = {"preprocessing": {"spatial_size": [8, 8, 4]}}
-    files = [_named(kit.nifti_seg_site(tmp_path / f"s{i}", **extra), f"site{i}") for i in range(2)]
-    run_dir = _federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
+    files = [named(kit.nifti_seg_site(tmp_path / f"s{i}", **extra), f"site{i}") for i in range(2)]
+    run_dir = federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
     folder = tmp_path / "s0"
     kit.write_csv(folder / "list.csv", [{"image": f"imagesTr/case{i}.nii.gz", "label": f"labelsTr/case{i}.nii.gz"}
                                         for i in range(3)])
@@ -169,7 +153,7 @@ def test_segmentation_with_labels_is_scored_on_the_source_grid_in_mm(tmp_path):
 
 @pytest.mark.slow  # a DP run of a ResNet: about 20 s on 2 cores
 def test_a_dp_run_is_served_by_the_dp_ready_network_it_trained(tmp_path):
-    files = [_named(kit.png_site(tmp_path / f"s{i}", n=16, size=(8, 8)), f"site{i}") for i in range(2)]
+    files = [named(kit.png_site(tmp_path / f"s{i}", n=16, size=(8, 8)), f"site{i}") for i in range(2)]
     fed = tmp_path / "federation.toml"
     fed.write_text(
         "[run]\nrounds = 1\n[algorithm]\nname = \"fedfew\"\nparams = {k = 2}\n[training]\nbatch_size = 4\n"
@@ -191,8 +175,8 @@ def test_predicts_dice_on_the_test_scans_equals_the_simulations_native_dice(tmp_
     from fedfew_med.rundir import summary_table
 
     extra = {"preprocessing": {"spatial_size": [8, 8, 4], "patches_per_image": patches}}
-    files = [_named(kit.nifti_seg_site(tmp_path / f"s{i}", n=10, **extra), f"site{i}") for i in range(2)]
-    run_dir = _federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
+    files = [named(kit.nifti_seg_site(tmp_path / f"s{i}", n=10, **extra), f"site{i}") for i in range(2)]
+    run_dir = federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = summary["per_site"]["site0"]["metrics"]
     assert {"dice_native", "hd95_native_mm"} <= set(metrics)
@@ -211,8 +195,8 @@ def test_the_notebooks_new_scan_is_one_of_the_sites_test_scans(tmp_path):
     from fedfew_med.evaluation.predict import NewScan, predict_new_scan
 
     extra = {"preprocessing": {"spatial_size": [8, 8, 4]}}
-    files = [_named(kit.nifti_seg_site(tmp_path / f"s{i}", n=8, **extra), f"site{i}") for i in range(2)]
-    run_dir = _federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
+    files = [named(kit.nifti_seg_site(tmp_path / f"s{i}", n=8, **extra), f"site{i}") for i in range(2)]
+    run_dir = federation(tmp_path, files, 'name = "unet"\nparams = {channels = [4, 8], strides = [2]}', rounds=1)
     site = load_site(files[0])
     new = predict_new_scan(run_dir, site, tmp_path / "out")
     assert isinstance(new, NewScan) and new.class_names == tuple(kit.NAMES)

@@ -32,6 +32,7 @@ from fedfew_med.algorithms import (
 from fedfew_med.config import ConfigError, FederationConfig
 from fedfew_med.data import SiteData
 from fedfew_med.data.native import native_metrics
+from fedfew_med.deployment import PrivateDeploymentError, chooser
 from fedfew_med.metrics import (
     classification_metrics,
     headline_metric,
@@ -323,14 +324,21 @@ class SiteRuntime:
         self.commit(scratch)
         return reply
 
-    def evaluate(self, models: Sequence[Params], round_idx: int) -> dict[str, Any]:
+    def evaluate(self, models: Sequence[Params], round_idx: int, *, private: bool = False,
+                 released: Sequence[float] | None = None) -> dict[str, Any]:
         """The deployed model's test metrics (and after fine-tuning, if configured); state is untouched.
 
         At the final round a segmentation site read from NIfTI files is also scored as acquired,
         on each test volume's own grid (``dice_native``, ``hd95_native_mm``: :mod:`fedfew_med.data.native`).
+
+        A site that trains with DP (``private``) chooses its model from ``released``, the K losses
+        it released (charged) in its last training round, and never computes a fresh loss on
+        its training records nor fine-tunes on them (:mod:`fedfew_med.deployment`).
         """
         work = self.work(round_idx, self.state.copy(), factory=self.eval_work_factory)
-        dep = self.algorithm.deploy(self.name, models, work)
+        if private and self.config.run.finetune_eval_epochs:
+            raise PrivateDeploymentError(f"site {self.name!r} trains with DP: [run].finetune_eval_epochs must be 0")
+        dep = self.algorithm.deploy(self.name, models, chooser(work, site=self.name, private=private, released=released))
         entry: dict[str, Any] = {"model": dep.model_index, "scores": list(dep.scores), "device": str(work.device)}
         entry["metrics"] = score(work, dep.params, dep.slot)
         if round_idx == self.config.run.rounds - 1 and self.data.task == "segmentation":

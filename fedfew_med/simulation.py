@@ -51,6 +51,7 @@ from fedfew_med.algorithms import Params, RoundInfo, SiteReply
 from fedfew_med.algorithms.base import ServerStep
 from fedfew_med.config import ConfigError, FederationConfig
 from fedfew_med.data import SiteData, build_sites
+from fedfew_med.deployment import check_private_deployment, load_released, released_state
 from fedfew_med.devices import resolve_device
 from fedfew_med.dp import federation as dp_federation
 from fedfew_med.dp.chain import open_chain
@@ -171,6 +172,10 @@ class Federation:
         )
         for name, site_privacy in self.privacy.items():
             self.sites[name].work_factory = site_privacy.work_factory  # DP by composition: the site's round trains privately
+        check_private_deployment(config, algorithm, models, sorted(self.privacy))
+        # The K losses each DP site released (charged) in its last training round: its evaluation ranks the models
+        # by these, never by fresh losses on its records (fedfew_med.deployment). Saved with every checkpoint.
+        self.released: dict[str, list[float]] = {}
         self._pending: dict[str, _SiteCall] = {}  # site rounds that timed out and may still be running
         self.pool: SitePool | None = None  # set by start_workers: sites computed in worker processes
 
@@ -356,7 +361,8 @@ class Federation:
 
     def _evaluate_site(self, name: str, round_idx: int) -> dict[str, Any] | Exception:
         try:
-            return self.sites[name].evaluate(self.server.models, round_idx)
+            return self.sites[name].evaluate(self.server.models, round_idx, private=name in self.privacy,
+                                             released=self.released.get(name))
         except Exception as exc:
             return exc
 
@@ -459,6 +465,7 @@ def _run(
                 chain.verify_checkpoint(ckpt.round, ckpt.state.get("privacy"), where=f"{run_dir}: round {ckpt.round}")
         except LedgerStateError as exc:
             raise RunDirError(str(exc)) from None
+        fed.released = load_released(ckpt.state.get("released_losses"))
         try:  # e.g. FedFew's idle counts: a resumed run re-seeds in the same round as an uninterrupted one
             fed.server.algorithm.load_server_state(ckpt.state.get("algorithm", {}))
         except ValueError as exc:
@@ -491,6 +498,8 @@ def _run(
                     reply, traffic[site] = outcome
                     aggregation.add(site, reply)
                     site_losses[site], site_info[site] = list(reply.losses), dict(reply.info)
+                    if site in fed.privacy and reply.losses:
+                        fed.released[site] = list(reply.losses)
                 if cb.on_site_done:
                     cb.on_site_done(r, site)
             step = fed.server.finish(aggregation) if trainers else _no_update(fed)
@@ -531,6 +540,8 @@ def _run(
             run_state: dict[str, Any] = {"config_digest": config.digest(), "algorithm": fed.server.algorithm.server_state()}
             if fed.privacy or fed.server_dp is not None:
                 run_state["privacy"] = fed.privacy_state()  # every site's ledger, with every checkpoint
+            if fed.privacy:
+                run_state["released_losses"] = released_state(fed.released)
             checkpoint.save(run_dir, r, server_models=fed.models, sites=site_states, state=run_state)
             records.append(record)
             if cb.on_round_end:

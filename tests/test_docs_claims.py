@@ -41,6 +41,10 @@ CLAIMS = [
      lambda: "open_chain" in (ROOT / "fedfew_med/flower/coordinator.py").read_text()),
     ("docs/deployment.md", r"(Flower|coordinator)[^.]*writes no `?privacy_ledger",
      lambda: "open_chain" in (ROOT / "fedfew_med/flower/coordinator.py").read_text()),
+    ("privacy/README.md", r"evaluation carries the K losses[^.]*(without noise|not charged)",
+     lambda: "released=released" in (ROOT / "fedfew_med/flower/client_app.py").read_text()),
+    ("docs/deployment.md", r"evaluat[^.]*(losses|scores)[^.]*(without noise|not charged|noise-free)",
+     lambda: "released=released" in (ROOT / "fedfew_med/flower/client_app.py").read_text()),
     ("README.md", r"no device option", lambda: "device: str = \"auto\"" in (ROOT / "fedfew_med/config.py").read_text()),
 ]
 

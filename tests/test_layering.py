@@ -29,6 +29,7 @@ LAYER = {
     "audit": 3,
     "checkpoint": 2,
     "runtime": 2,
+    "deployment": 2,
     "rundir": 2,
     "privacy": 2,
     "simulation": 3,

@@ -39,6 +39,8 @@ from fedfew_med.data.sites import load_site
 from fedfew_med.data.tables import class_index
 from fedfew_med.data.transforms import IMAGE
 from fedfew_med.data.validate import check_image
+from fedfew_med.deployment import chooser, load_released
+from fedfew_med.dp.federation import site_privacy_options
 from fedfew_med.evaluation.choose import read_choice, run_config, run_dp_ready, site_preparer
 from fedfew_med.runtime import ModelFacts, local_runtimes, make_algorithm
 from fedfew_med.site_config import SiteConfig, load_site_config
@@ -97,7 +99,9 @@ def served_model(run_dir: str | Path, site: SiteData) -> Served:
     runtime = local_runtimes(config, [site], algorithm, prepare=prepare)[site.name]
     work = runtime.work(ckpt.round, state.copy())
     if trained:  # exactly the run's evaluation (SiteRuntime.evaluate): its K losses, personal model, fine-tuning
-        dep = algorithm.deploy(site.name, ckpt.server_models, work)
+        private = site_privacy_options(config, site) is not None  # by its released losses, as in the run
+        released = load_released(ckpt.state.get("released_losses")).get(site.name)
+        dep = algorithm.deploy(site.name, ckpt.server_models, chooser(work, site=site.name, private=private, released=released))
         kind = "site-local model" if dep.model_index is None else f"server model {dep.model_index}"
         how = f"{kind} (the run's deployment{', fine-tuned' if dep.slot == 'finetune' else ''})"
         return Served(work.deployed_network(dep.params, slot=dep.slot), dep.model_index, how, prepare is not None)

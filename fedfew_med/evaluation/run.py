@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from fedfew_med import checkpoint
-from fedfew_med.algorithms import Algorithm, Params
+from fedfew_med.algorithms import Algorithm, Deployment, Params
 from fedfew_med.config import FederationConfig, federation_from_dict
 from fedfew_med.data import SiteData, build_sites
-from fedfew_med.dp.federation import network_preparer
+from fedfew_med.deployment import chooser, load_released
+from fedfew_med.dp.federation import network_preparer, private_sites
 from fedfew_med.evaluation.geometry import grid_spacing
 from fedfew_med.evaluation.report import Deployed, SiteReport, explain
 from fedfew_med.evaluation.stats import (
@@ -51,7 +52,7 @@ from fedfew_med.metrics import (
     segmentation_metrics,
 )
 from fedfew_med.runtime import ModelFacts, SiteRuntime, local_runtimes, make_algorithm
-from fedfew_med.training import SiteState
+from fedfew_med.training import SiteState, SiteWork
 
 
 class UnknownSiteError(ValueError):
@@ -111,6 +112,9 @@ class Run:
         self._runtimes: dict[str, SiteRuntime] = local_runtimes(config, sites, self.algorithm, prepare=prepare)
         for name, rt in self._runtimes.items():
             rt.state = self.site_states.get(name, SiteState())
+        # a DP site deploys by the losses it released, as in the run (fedfew_med.deployment)
+        self._private = set(private_sites(config, sites))
+        self._released = load_released(ckpt.state.get("released_losses"))
         self._reports: dict[tuple[str, int, float, int], SiteReport] = {}
 
     def __repr__(self) -> str:
@@ -224,14 +228,19 @@ class Run:
         """
         rt = self._runtimes[self._known(site)]
         work = rt.work(self.round, rt.state.copy())  # as SiteRuntime.evaluate: the real state stays untouched
-        dep = self.algorithm.deploy(site, self.server_models, work)
+        dep = self._deploy(site, work)
         probs, targets = work.predict(dep.params, slot=dep.slot, split=split)
         return probs, targets, dep.model_index
+
+    def _deploy(self, site: str, work: SiteWork) -> Deployment:
+        """``Algorithm.deploy`` as the run's evaluation called it (a DP site: by its released losses)."""
+        return self.algorithm.deploy(site, self.server_models, chooser(work, site=site, private=site in self._private,
+                                                                       released=self._released.get(site)))
 
     def _report(self, site: str, *, n_resamples: int, level: float, seed: int) -> SiteReport:
         rt = self._runtimes[site]
         work = rt.work(self.round, rt.state.copy())  # as SiteRuntime.evaluate: the real state stays untouched
-        dep = self.algorithm.deploy(site, self.server_models, work)
+        dep = self._deploy(site, work)
         split = getattr(getattr(self.algorithm, "options", None), "selection_split", "train") if dep.scores else None
         deployed = Deployed(
             model_index=dep.model_index, slot=dep.slot, scores=tuple(float(s) for s in dep.scores), selection_split=split,

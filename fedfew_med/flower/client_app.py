@@ -19,7 +19,10 @@ Three message handlers, each a thin skin over :class:`~fedfew_med.runtime.SiteRu
 ``evaluate``
     :meth:`SiteRuntime.evaluate` of the received server models on the site's test
     split; the model chosen for deployment is recorded in the site's state
-    directory (``deployed.json``); the training state is untouched.
+    directory (``deployed.json``); the training state is untouched. A DP site
+    chooses by the K losses it released in its last training round, which the
+    coordinator sends back, and computes nothing new on its training records
+    (:mod:`fedfew_med.deployment`).
 
 A handler's error is logged in full at the site and reaches the coordinator without
 paths or file names (:mod:`fedfew_med.flower.site_errors`).
@@ -38,6 +41,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfew_med.data import SiteData
+from fedfew_med.dp.federation import site_privacy_options
 from fedfew_med.flower import codec
 from fedfew_med.flower.logs import forward_logs
 from fedfew_med.flower.node import NodeSettings, site_runtime
@@ -112,7 +116,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     with forward_logs(), site_errors("evaluate", _places(context)):
         settings = NodeSettings.from_node_config(context.node_config)
         header = codec.decode_run(msg.content.config_records[codec.RUN])
-        site, round_idx = codec.decode_evaluate(msg.content.config_records[codec.EVALUATE])
+        site, round_idx, released = codec.decode_evaluate(msg.content.config_records[codec.EVALUATE])
         data = settings.load_site()
         _check_addressee(site, data)
         _set_threads(header.config.run.threads)
@@ -121,7 +125,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         models = codec.records_to_models(msg.content)
         if list(models) != list(range(len(models))):
             raise codec.CodecError(f"evaluate needs every server model 0..K-1, got indices {list(models)}")
-        entry = runtime.evaluate(list(models.values()), round_idx)
+        # A DP site ranks the models by the losses it released (sent back by the coordinator), never by fresh ones:
+        # it decides that from its own config, whatever the message says (fedfew_med.deployment).
+        private = site_privacy_options(header.config, data) is not None
+        entry = runtime.evaluate(list(models.values()), round_idx, private=private, released=released)
         store.save_choice(round_idx, entry)
         return Message(RecordDict({codec.EVALUATION: codec.encode_evaluation(entry)}), reply_to=msg)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,14 +256,28 @@ def decode_site(record: ConfigRecord) -> SiteCard:
                     protocol=str(record.get("protocol", "")) or None, privacy=card_privacy, features=tuple(features))
 
 
-def encode_evaluate(site: str, round_idx: int) -> ConfigRecord:
-    """An evaluation request for ``site`` after round ``round_idx``."""
-    return ConfigRecord({"site": site, "round": int(round_idx)})
+def encode_evaluate(site: str, round_idx: int, released: Sequence[float] | None = None) -> ConfigRecord:
+    """An evaluation request for ``site`` after round ``round_idx``.
+
+    ``released``: for a DP site, the K losses it released in its last training round (it ranks
+    the models by them: :mod:`fedfew_med.deployment`); omitted when there are none.
+    """
+    fields: dict[str, Any] = {"site": site, "round": int(round_idx)}
+    if released is not None:
+        fields["released-losses"] = [float(v) for v in released]
+    return ConfigRecord(fields)
 
 
-def decode_evaluate(record: ConfigRecord) -> tuple[str, int]:
+def decode_evaluate(record: ConfigRecord) -> tuple[str, int, list[float] | None]:
+    """``(site, round, released losses or None)`` of :func:`encode_evaluate`."""
     fields = _require(record, EVALUATE, "site", "round")
-    return str(fields["site"]), int(fields["round"])
+    released = record.get("released-losses")
+    if released is not None:
+        values = released if isinstance(released, list) else [released]
+        released = [_number(v, "released-losses") for v in values]
+        if not all(math.isfinite(v) for v in released):
+            raise CodecError(f"{EVALUATE}.released-losses must be finite, got {released}")
+    return str(fields["site"]), int(fields["round"]), released
 
 
 def encode_evaluation(entry: Mapping[str, Any]) -> ConfigRecord:

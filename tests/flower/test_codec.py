@@ -130,7 +130,8 @@ def test_site_cards_and_evaluations_round_trip():
     entry = {"model": 1, "scores": [0.3, 0.2], "metrics": {"accuracy": 0.75, "auc": float("nan")}}
     back = codec.decode_evaluation(codec.encode_evaluation(entry))
     assert back["model"] == 1 and back["metrics"]["accuracy"] == 0.75 and math.isnan(back["metrics"]["auc"])
-    assert codec.decode_evaluate(codec.encode_evaluate("site-a", 4)) == ("site-a", 4)
+    assert codec.decode_evaluate(codec.encode_evaluate("site-a", 4)) == ("site-a", 4, None)
+    assert codec.decode_evaluate(codec.encode_evaluate("site-a", 4, [0.5, 1.25])) == ("site-a", 4, [0.5, 1.25])
 
 
 def _state() -> SiteState:

@@ -13,6 +13,8 @@ coordinator receives it. Each must hold only
 - a MetricRecord ``fedfew.reply`` with ``num-samples`` and the K ``losses``;
 - ConfigRecords with allow-listed keys, whose JSON payloads (``info``, the evaluation ``entry``)
   have allow-listed keys and numbers only;
+- under DP, an evaluate reply's K scores are the losses the site released (noised, charged) in that
+  round's train reply, and its model index is their argmin (``fedfew_med.deployment``);
 
 and no string anywhere (record names, keys, values, decoded JSON, message metadata) may hold the
 sentinel, a patient id, a path separator, the data root, an image file name or a long text.
@@ -234,6 +236,16 @@ def test_every_message_a_site_sends_holds_only_models_and_allow_listed_numbers(f
     assert sum(len(m.content.array_records) for m in grid.captured) > 0  # the train replies did carry models
     trains = [m for m in grid.captured if m.metadata.message_type == "train"]
     assert all(("fedfew.privacy" in m.content.config_records) == federation["dp"] for m in trains)  # and DP ledgers
+    if federation["dp"]:  # an evaluate reply says nothing of the training records that was not charged already:
+        released = {(m.metadata.src_node_id, m.metadata.group_id): list(m.content.metric_records["fedfew.reply"]["losses"])
+                    for m in trains}
+        for m in grid.captured:
+            if m.metadata.message_type != "evaluate":
+                continue
+            entry = json.loads(str(m.content.config_records["fedfew.evaluation"]["entry"]))
+            losses = released[(m.metadata.src_node_id, m.metadata.group_id)]  # the same round's train reply (DP, in the ledger)
+            assert entry["scores"] == pytest.approx(losses, abs=0, rel=1e-6)
+            assert entry["model"] == min(range(len(losses)), key=lambda k: (losses[k], k))  # post-processing of them
     # and the sentinels were really there to be leaked: the coordinator's run directory holds none of them
     for path in (federation["tmp"] / "run").rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl"):

@@ -254,10 +254,12 @@ class FaultsConfig:
     Attributes
     ----------
     site_timeout_s
-        Seconds a site's round may take in the in-process simulation before it is skipped
-        (0, the default: no limit). A site still busy with a timed-out round is skipped until
-        that work ends; its late reply is discarded. The Flower runner has its own
-        ``round-timeout``.
+        Seconds a site's round may take before it is skipped (``SiteTimeout``; 0, the default:
+        no limit). In the simulation, a site still busy with a timed-out round is skipped until
+        that work ends; its late reply is discarded. On Flower it bounds the coordinator's wait
+        for each site's train or evaluate reply; 0 (or a value above the run's ``round-timeout``,
+        default 600 s) leaves ``round-timeout`` as the bound, and a SuperNode that dies is given
+        up once the SuperLink drops it (38–60 s, its heartbeat; docs/deployment.md).
     max_update_norm
         Largest L2 norm of an update (a returned model minus the model sent, over all its
         parameters) that is aggregated; 0 switches the check off. The default (1e4) is

@@ -170,6 +170,24 @@ def _policy_table(report: Mapping[str, Any]) -> str:
     return head + _table(["site", "rule", "required", "actual", "status"], rows, "policy")
 
 
+def _transport_table(report: Mapping[str, Any]) -> str:
+    transport = report.get("transport") or {"runner": "simulation"}
+    if transport.get("runner") != "flower":
+        return "<p>In-process simulation: no network (TLS and site authentication do not apply).</p>"
+    rows = [f'<tr><td>{html.escape(label)}</td>{_cell(transport.get(key), f"transport.{key}")}</tr>'
+            for label, key in (("TLS", "tls"), ("SuperNode authentication", "node_auth"))]
+    launches = [f"<tr><td>{html.escape(str(e.get('first_round')))}</td>{_cell(e.get('tls'))}{_cell(e.get('node_auth'))}"
+                f"<td>{html.escape(str(e.get('launched_by') or 'not recorded'))}</td></tr>" for e in transport.get("launches", [])]
+    sites = [f"<tr><td>{html.escape(s)}</td><td>{html.escape(str(r.get('node_id') or '-'))}</td>"
+             f"<td>{html.escape(str(r.get('status')))}</td></tr>" for s, r in sorted(transport.get("sites_connected", {}).items())]
+    refused = ", ".join(str(n) for n in transport.get("refused_node_ids", [])) or "none"
+    return ("<p>As the coordinator recorded it (“-”: not recorded; the report cannot vouch for it then).</p>"
+            + _table(["", "over the whole run"], rows, "transport")
+            + _table(["launch from round", "TLS", "SuperNode authentication", "recorded by"], launches, "launches")
+            + _table(["site that connected", "SuperNode id", "at the end"], sites, "sites-connected")
+            + f"<p>SuperNode ids refused for this run: {html.escape(refused)}.</p>")
+
+
 def _left_table(report: Mapping[str, Any]) -> str:
     cols = ("rounds_trained", "model_updates", "parameter_bytes", "losses_reported", "record_count", "test_metrics_reported")
     rows = [f"<tr><td>{html.escape(n)}</td>" + "".join(_cell(r[c], f"left_sites.{n}.{c}") for c in cols) + "</tr>"
@@ -239,6 +257,7 @@ def render(report: Mapping[str, Any]) -> str:
         "<h2>In plain words</h2>",
         "<ul id='summary'>" + "".join(f"<li>{html.escape(line)}</li>" for line in report.get("summary", [])) + "</ul>",
         "<h2>Policy compliance</h2>", _policy_table(report),
+        "<h2>Transport</h2>", _transport_table(report),
         "<h2>Privacy budget per site</h2>",
         _img(epsilon_plot(report["privacy"]), "plot-epsilon", "ε spent per site over the rounds"),
         _privacy_tables(report["privacy"]),

@@ -3,7 +3,9 @@
 Everything comes from the run's own files: ``summary.json`` and ``metrics.jsonl`` (the per-round
 ``privacy`` records), the latest checkpoint's ``state.json`` (every site's ledger, re-read with
 :class:`~fedfew_med.dp.PrivacyLedger` so that the recorded ε is checked against a fresh accountant),
-and the SHA-256 digests of the checkpoints and ``models.safetensors``. The membership-inference
+the SHA-256 digests of the checkpoints and ``models.safetensors``, and for a Flower run the transport
+its coordinator recorded (``summary.json``'s ``transport``: TLS, SuperNode authentication, the sites
+that connected; ``nodes.json`` for older runs). The membership-inference
 audit loads the run with :func:`fedfew_med.evaluation.load_run` and attacks every site's deployed
 model (members = the site's training records, non-members = its held-out test records).
 """
@@ -27,7 +29,7 @@ from fedfew_med.config import federation_from_dict
 from fedfew_med.dp import PrivacyLedger
 from fedfew_med.evaluation import Run, load_run
 from fedfew_med.evaluation.run import read_records
-from fedfew_med.privacy import PrivacyPolicy, check_deployment, check_spent
+from fedfew_med.privacy import PrivacyPolicy, check_recorded_transport, check_spent
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,24 @@ def left_sites(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def transport_section(run_dir: Path) -> dict[str, Any]:
+    """How the run's sites were connected: ``{"runner": "simulation"}``, or a Flower run's recorded ``transport``.
+
+    A Flower run (it has ``nodes.json``) whose ``summary.json`` carries no ``transport`` (written before the
+    coordinator recorded it) gets its sites from ``nodes.json`` and ``None`` for TLS and authentication.
+    """
+    recorded = _read_json(run_dir / "summary.json").get("transport")
+    if recorded is not None:
+        return dict(recorded)
+    nodes = _read_json(run_dir / "nodes.json")
+    if not nodes:
+        return {"runner": "simulation"}
+    return {"runner": "flower", "tls": None, "node_auth": None, "launches": [],
+            "sites_connected": {row["site"]: {"node_id": row.get("node_id"), "status": row.get("status")}
+                                for row in nodes.get("sites", [])},
+            "refused_node_ids": list(nodes.get("refused_node_ids", []))}
+
+
 def attack_run(run: Run, *, n_resamples: int, seed: int) -> dict[str, Any]:
     """The loss-threshold attack on every site's deployed model of ``run``."""
     summary = run.summary.get("privacy") or {}
@@ -176,11 +196,12 @@ def build_report(run_dir: str | Path, *, baseline: str | Path | None = None, pol
         "privacy": privacy,
         "left_sites": left,
         "never_left_sites": list(NEVER_LEFT),
+        "transport": transport_section(path),
     }
     if policy is not None:
         verdicts = check_spent(policy, sites={s: int(n or 0) for s, n in report["run"]["n_train"].items()},
                                privacy=privacy["sites"], reported_losses={s: v["losses_reported"] for s, v in left.items()})
-        verdicts += check_deployment(policy, tls=None, authenticated=None)
+        verdicts += check_recorded_transport(policy, report["transport"])
         report["policy"] = {**policy.to_dict(), "verdicts": [v.to_dict() for v in verdicts],
                             "compliant": all(v.ok is not False for v in verdicts)}
     if audit:

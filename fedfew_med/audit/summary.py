@@ -100,6 +100,25 @@ def _attack_sentences(attack: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def transport_sentence(transport: Mapping[str, Any]) -> str:
+    """The run's transport in words: no network (simulation), or what a Flower run's coordinator recorded."""
+    if transport.get("runner") != "flower":
+        return "In-process simulation: no network, so TLS and site authentication do not apply."
+
+    def said(value: Any, on: str, off: str) -> str:
+        return {True: on, False: off}.get(value, "not recorded")
+
+    sites = transport.get("sites_connected", {})
+    left = sorted(s for s, row in sites.items() if row.get("status") != "connected")
+    names = ", ".join(sorted(sites)) or "none"
+    text = (f"Flower deployment, as its coordinator recorded it: TLS {said(transport.get('tls'), 'on', 'OFF')}, "
+            f"SuperNode authentication {said(transport.get('node_auth'), 'on', 'OFF')}; "
+            f"sites that connected: {names}")
+    if left:
+        text += f" ({', '.join(left)} not connected at the end)"
+    return text + "."
+
+
 def plain_summary(report: Mapping[str, Any]) -> list[str]:
     """The report's opening sentences (see the module docstring)."""
     privacy = report.get("privacy", {})
@@ -124,6 +143,8 @@ def plain_summary(report: Mapping[str, Any]) -> list[str]:
                    f"(δ = {sig3(float(server['delta']))}) over {server.get('releases')} releases.")
     elif sites:
         out.append("There is no server-side DP: the server sees each site's update, protected only by that site's own DP.")
+    if "transport" in report:
+        out.append(transport_sentence(report["transport"]))
     policy = report.get("policy")
     if policy is not None:
         out.append("The run complies with the privacy policy." if policy.get("compliant")

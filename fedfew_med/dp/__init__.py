@@ -20,6 +20,7 @@ The only package that imports ``opacus``. Pieces (each a module):
 - :mod:`~fedfew_med.dp.timing` — ``benchmark_epoch_times``: DP epoch time over non-DP epoch time.
 """
 
+from fedfew_med.dp import quiet_import  # noqa: F401  (first: Opacus must not configure the root logger)
 from fedfew_med.dp.calibrate import (
     Calibration,
     CalibrationError,

@@ -2,8 +2,11 @@
 
 ``fedfew_med.cli`` wires them with ``add_parser(sub, out=print)``; the library never
 prints, it hands its lines to ``out``. The long-running steps (``superlink``,
-``supernode``) replace the current process with the Flower executable, so a service
-manager's signals reach Flower directly.
+``supernode``) run the Flower executable as a child and stay in front of it
+(:func:`fedfew_med.flower.supervise.supervise`): SIGTERM, SIGINT (Ctrl-C) and SIGHUP (as
+SIGTERM) are passed on to Flower, and once it has stopped (killed after a grace period) so is every
+process it started (SuperExec, ServerApp, ClientApps); a log file gets Flower's lines
+without colour codes.
 
 =============  =============================================================================
 credentials    CA, SuperLink certificate, one key pair per site (run once, by the coordinator)
@@ -55,7 +58,7 @@ def add_parser(subparsers: Any, *, out: Out) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing credentials in OUT")
     p.set_defaults(func=lambda a: _credentials(a, out))
 
-    p = steps.add_parser("superlink", help="start the SuperLink (replaces this process)")
+    p = steps.add_parser("superlink", help="start the SuperLink (stops with everything it started)")
     _security(p, node=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9091, help="port of the Fleet, Control and Runtime APIs (default 9091)")
@@ -77,7 +80,7 @@ def add_parser(subparsers: Any, *, out: Out) -> argparse.ArgumentParser:
     p.add_argument("--flwr-home", help="Flower's home directory (default $FLWR_HOME or ~/.flwr)")
     p.set_defaults(func=lambda a: _register(a, out))
 
-    p = steps.add_parser("supernode", help="start this site's SuperNode (replaces this process)")
+    p = steps.add_parser("supernode", help="start this site's SuperNode (stops with everything it started)")
     _security(p, node=True)
     p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
     p.add_argument("--state-dir", required=True, help="where this site keeps its state between rounds and restarts")
@@ -306,6 +309,7 @@ def _run(args: argparse.Namespace, out: Out) -> int:
     run_config: dict[str, str | int | float | bool] = {
         "federation-config": str(Path(args.federation_config).resolve()),
         "run-dir": str(Path(args.run_dir).resolve()),
+        **transport_facts(_flwr_home(args), args.connection),  # recorded by the coordinator for the privacy report
     }
     for flag in ("resume", "overwrite"):
         if getattr(args, flag):
@@ -321,7 +325,27 @@ def _run(args: argparse.Namespace, out: Out) -> int:
         load_federation(args.federation_config, args.set)  # a bad key or value fails here, not on the SuperLink
         run_config["set"] = "\n".join(args.set)
     cmd = launch.flwr_run_command(args.connection, run_config, stream=args.stream)
-    return int(subprocess.run(cmd, env=launch.flower_env(flwr_home=_flwr_home(args)), check=False).returncode)
+    return _exec(cmd, launch.flower_env(flwr_home=_flwr_home(args)), out)  # Ctrl-C reaches flwr; a log file gets no colour codes
+
+
+def transport_facts(flwr_home: Path, name: str) -> dict[str, str | bool]:
+    """The run-config keys ``tls``, ``node-auth`` and ``launched-by``: what this launcher knows of the transport.
+
+    TLS is the ``flwr`` connection's own: ``flwr run`` reaches the SuperLink's port, which serves the
+    SuperNodes too, with TLS verified against the connection's CA certificate, or without TLS
+    (``insecure``). SuperNode authentication goes with TLS: ``fedfew-med flower superlink`` enables it
+    whenever it runs with TLS, and Flower refuses it without TLS. The coordinator records the three
+    (:mod:`fedfew_med.flower.transport`). An unknown connection gives none (``flwr run`` reports it).
+    """
+    try:
+        insecure = connection_insecure(flwr_home, name)
+    except ConfigError:
+        return {}
+    how = (f"fedfew-med flower run over flwr connection '{name}': "
+           + ("insecure (no TLS; Flower admits SuperNodes without authentication then)" if insecure else
+              "TLS, the SuperLink's certificate verified against the connection's CA; SuperNode authentication "
+              "as `fedfew-med flower superlink` runs it with TLS (--enable-supernode-auth)"))
+    return {"tls": not insecure, "node-auth": not insecure, "launched-by": how}
 
 
 def connection_insecure(flwr_home: Path, name: str) -> bool:
@@ -343,6 +367,11 @@ def _flwr_home(args: argparse.Namespace) -> Path:
 
 
 def _exec(cmd: list[str], env: dict[str, str], out: Out) -> int:
+    """Run a long-lived Flower service (SuperLink, SuperNode) until it ends or is stopped; its exit status."""
+    from fedfew_med.flower.supervise import supervise  # stdlib only, but not needed for --help
+
     out(" ".join(cmd))
-    os.execvpe(cmd[0], cmd, env)  # does not return
-    return 0  # pragma: no cover
+    try:
+        return supervise(cmd, env=env)
+    except FileNotFoundError:
+        raise ConfigError(f"{cmd[0]} was not found: install fedfew-med (with flwr) in this environment") from None

@@ -13,10 +13,13 @@ Per round, exactly as the in-process simulation does, with messages in between:
    seeded by round); λ_i is computed from their sample counts.
 2. *Train.* Each connected participant is sent, in one message, the models it
    needs (one ``ArrayRecord`` per model), its round info and its base round; the
-   coordinator waits at most ``round-timeout`` seconds. A site that is offline,
-   errors, times out or returns a malformed update is skipped for the round and
-   named in the record's ``failures``. Fewer than ``min-sites`` valid replies end
-   the run with :class:`FederationError` (the last checkpoint stays resumable).
+   coordinator waits for each site at most ``[faults].site_timeout_s`` seconds when
+   that is set (> 0) and not above ``round-timeout``, else ``round-timeout``, and not
+   at all once its SuperNode has left (:mod:`fedfew_med.flower.waits`). A site that is
+   offline (``SiteOffline``), errors, times out (``SiteTimeout``) or returns a malformed
+   update is skipped for the round and named in the record's ``failures``. Fewer
+   than ``min-sites`` valid replies end the run with :class:`FederationError` (the
+   last checkpoint stays resumable).
 3. *Aggregate* the valid replies, in participant order (as the simulation does).
 4. *Evaluate* every connected site's deployed model (when the simulation would),
    append the record to ``metrics.jsonl`` and checkpoint the server models and the
@@ -42,7 +45,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,11 +59,13 @@ from fedfew_med.algorithms import Params, RoundInfo, SiteReply
 from fedfew_med.algorithms.base import ServerStep
 from fedfew_med.config import ConfigError, FederationConfig, did_you_mean
 from fedfew_med.data.tables import feature_mismatch
+from fedfew_med.deployment import check_private_deployment, load_released, released_state
 from fedfew_med.dp.chain import CHAIN_FILE, LedgerChain, open_chain
 from fedfew_med.dp.ledger import LedgerStateError
 from fedfew_med.dp.server import ServerDP
-from fedfew_med.flower import codec, rundir
+from fedfew_med.flower import codec, rundir, transport
 from fedfew_med.flower.privacy import NO_UPDATE, RunPrivacy
+from fedfew_med.flower.waits import Bound, collect
 from fedfew_med.metrics import headline_metric, summarize
 from fedfew_med.runtime import (
     ModelFacts,
@@ -74,7 +79,7 @@ from fedfew_med.runtime import (
 log = logging.getLogger(__name__)
 
 NOT_CONNECTED = "SiteOffline: the site's SuperNode is not connected to the SuperLink"
-_UNREACHABLE = ("TimeoutError", "NODE_UNAVAILABLE")  # train failures after which evaluation is not even asked for
+_UNREACHABLE = ("SiteTimeout", "SiteOffline")  # train failures after which evaluation is not even asked for
 _TTL_SLACK = 30.0  # seconds a message outlives the wait for its reply (then the SuperLink drops it)
 _ERROR_NAMES = {v: k for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, int)}
 _CLIENT_EXCEPTION = re.compile(r"^<class '([\w.]+)'>:<'(.*)'>$", re.DOTALL)
@@ -107,7 +112,10 @@ class ServerSettings:
         the first round; 0 waits only for ``min_sites``.
     connect_timeout, query_timeout, round_timeout
         Upper bounds, in seconds, of every wait: for SuperNodes to connect, for the
-        answers to a query, for the replies of one train or evaluate phase.
+        answers to a query, for the replies of one train or evaluate phase. The federation's
+        ``[faults].site_timeout_s``, when set (> 0) and smaller, bounds each train or evaluate
+        wait instead; a site whose SuperNode leaves the SuperLink is given up at once
+        (:mod:`fedfew_med.flower.waits`).
     poll_interval
         Seconds between two pulls of replies from the SuperLink.
     stop_after
@@ -115,6 +123,10 @@ class ServerSettings:
     overrides
         ``set``: config overrides (``SECTION.KEY=VALUE``, TOML values, one a line) applied to the
         federation config as ``simulate --set`` does; the resolved config is what the sites receive.
+    tls, node_auth, launched_by
+        The transport facts the launcher knows (``fedfew-med flower run`` passes them): TLS to the
+        SuperLink, SuperNode authentication, and how it knows them. Recorded in the checkpoints and
+        ``summary.json`` (:mod:`fedfew_med.flower.transport`); ``launched_by`` empty: not recorded.
     """
 
     federation_config: Path
@@ -129,6 +141,9 @@ class ServerSettings:
     poll_interval: float = 0.5
     stop_after: int = 0
     overrides: tuple[str, ...] = ()
+    tls: bool = False
+    node_auth: bool = False
+    launched_by: str = ""
 
     KEYS: ClassVar[dict[str, str]] = {
         "federation-config": "federation_config",
@@ -143,6 +158,9 @@ class ServerSettings:
         "poll-interval": "poll_interval",
         "stop-after": "stop_after",
         "set": "overrides",
+        "tls": "tls",
+        "node-auth": "node_auth",
+        "launched-by": "launched_by",
     }
 
     @classmethod
@@ -176,6 +194,10 @@ class ServerSettings:
                 if bad:
                     raise ServerConfigError(f"{where}: set: each override must be SECTION.KEY=VALUE, got {bad[0]!r}")
                 values[attr] = lines
+            elif kind == "str":
+                if not isinstance(value, str):
+                    raise ServerConfigError(f"{where}: {key} must be a string, got {value!r}")
+                values[attr] = value
             elif kind == "int":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise ServerConfigError(f"{where}: {key} must be an integer >= 0, got {value!r}")
@@ -217,9 +239,11 @@ class Coordinator:
         self.facts: ModelFacts | None = None
         self.roster: dict[str, codec.SiteCard] = {}  # every site met in this run (persisted)
         self.last_accepted: dict[str, int] = {}  # site -> last round whose reply was aggregated (persisted)
+        self.released: dict[str, list[float]] = {}  # DP site -> K losses it released last (persisted)
         self.node_of: dict[str, int] = {}  # connected site -> its SuperNode's node id (not persisted)
         self.rejected: set[int] = set()  # node ids refused for this run (facts or name conflicts)
         self._nodes_written = ""  # the last nodes.json written by this coordinator
+        self.launches: list[dict[str, Any]] = []  # every start of this run and its transport facts (persisted)
         self.server: ServerRuntime | None = None
         self.privacy = RunPrivacy(config)
 
@@ -248,6 +272,8 @@ class Coordinator:
         else:  # (a resume without a checkpoint is logged by rundir.prepare)
             self.run_key = f"{re.sub(r'[^A-Za-z0-9._-]', '-', cfg.run.name)}-{uuid.uuid4().hex[:12]}"
         end = cfg.run.rounds if not st.stop_after else min(cfg.run.rounds, start + st.stop_after)
+        self.launches.append(transport.launch_entry(first_round=start, tls=st.tls, node_auth=st.node_auth,
+                                                    launched_by=st.launched_by))
         self._await_nodes(max(st.min_sites, st.expected_sites))
         self._refresh_roster()
         server = self._server()
@@ -272,6 +298,8 @@ class Coordinator:
             step = server.aggregate(info, replies) if replies else ServerStep(models=server.models, log=dict(NO_UPDATE))
             for s in replies:
                 self.last_accepted[s] = r
+                if s in self.privacy.sites and replies[s].losses:  # what a DP site ranks its models by (deployment.py)
+                    self.released[s] = list(replies[s].losses)
             extra: dict[str, Any] = {}
             if r == cfg.run.rounds - 1 or r % cfg.run.eval_every == 0 or r == end - 1:
                 unreachable = {s: why for s, why in failures.items() if why.startswith(_UNREACHABLE)}
@@ -323,6 +351,7 @@ class Coordinator:
         )
         summary["finished"] = completed >= cfg.run.rounds
         summary["run_key"] = self.run_key
+        summary["transport"] = transport.transport_record(self.launches, self._nodes_doc())
         entries = self.privacy.round_entries(max(completed - 1, 0), [], server.algorithm)
         summary.update({k: v for k, v in entries.items() if k != "privacy_stopped"})
         checkpoint.write_final(run_dir, server.models, summary)
@@ -352,7 +381,9 @@ class Coordinator:
             if plan is not None:
                 content[codec.PRIVACY_PLAN] = codec.encode_privacy_plan(plan, s)
             messages[s] = self._message(content, s, MessageType.TRAIN, group=str(info.round))
-        answers, errors = self._exchange(messages, timeout=self.settings.round_timeout)
+        bound = self._round_bound()
+        answers, errors = self._exchange(messages, bound=bound, timeout_words=lambda s: (
+            f"SiteTimeout: site {s!r} did not finish round {info.round} within {bound.words()}; its late reply is discarded"))
         failures.update(errors)
         replies: dict[str, SiteReply] = {}
         traffic: dict[str, dict[str, int]] = {}
@@ -404,15 +435,17 @@ class Coordinator:
                 failures[s] = NOT_CONNECTED
                 continue
             if skip and s in skip:
-                failures[s] = "Skipped: the site was unreachable in this round's training"
+                failures[s] = skip[s]  # its training failure (SiteOffline / SiteTimeout): not asked again this round
                 continue
             content = RecordDict()
             for key, record in models.items():  # the same records in every message: the SuperLink stores them once
                 content[key] = record
             content[codec.RUN] = codec.encode_run(self._header(s))
-            content[codec.EVALUATE] = codec.encode_evaluate(s, round_idx)
+            content[codec.EVALUATE] = codec.encode_evaluate(s, round_idx, self.released.get(s))
             messages[s] = self._message(content, s, MessageType.EVALUATE, group=str(round_idx))
-        answers, errors = self._exchange(messages, timeout=self.settings.round_timeout)
+        bound = self._round_bound()
+        answers, errors = self._exchange(messages, bound=bound, timeout_words=lambda s: (
+            f"SiteTimeout: site {s!r} did not finish its evaluation after round {round_idx} within {bound.words()}"))
         failures.update(errors)
         evaluation: dict[str, dict[str, Any]] = {}
         for s in sorted(answers):
@@ -453,7 +486,9 @@ class Coordinator:
         header = codec.encode_run(codec.RunHeader(run_key=self.run_key, config=self.config, base_round=-1,
                                                   dp_ready=bool(self.privacy.dp_ready)))
         messages = {n: self._message(RecordDict({codec.RUN: header}), n, MessageType.QUERY, group="query") for n in new}
-        answers, errors = self._exchange(messages, timeout=self.settings.query_timeout)
+        query = Bound(self.settings.query_timeout, "query-timeout")
+        answers, errors = self._exchange(messages, bound=query, timeout_words=lambda n: (
+            f"SiteTimeout: SuperNode {n} did not describe its site within {query.words()}"))
         for n, why in errors.items():
             log.warning("SuperNode %d did not describe its site (will ask again next round): %s", n, why)
         cards: list[tuple[codec.SiteCard, int]] = []
@@ -472,13 +507,15 @@ class Coordinator:
         Flower's own listing (``flwr supernode ls``) shows only node ids; the coordinator is the one
         that learns the site behind each id, so it writes the mapping whenever it changes.
         """
-        rows = [{"node_id": self.node_of.get(s), "site": s, "n_train": c.num_train,
-                 "status": "connected" if s in self.node_of else "disconnected"} for s, c in sorted(self.roster.items())]
-        doc = {"run_key": self.run_key, "sites": rows, "refused_node_ids": sorted(self.rejected)}
-        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+        text = json.dumps(self._nodes_doc(), indent=2, sort_keys=True) + "\n"
         if text != self._nodes_written:  # every round asks; the file changes only when the mapping does
             checkpoint.atomic_write_text(self.settings.run_dir / NODES_FILE, text)
             self._nodes_written = text
+
+    def _nodes_doc(self) -> dict[str, Any]:
+        rows = [{"node_id": self.node_of.get(s), "site": s, "n_train": c.num_train,
+                 "status": "connected" if s in self.node_of else "disconnected"} for s, c in sorted(self.roster.items())]
+        return {"run_key": self.run_key, "sites": rows, "refused_node_ids": sorted(self.rejected)}
 
     def _admit(self, card: codec.SiteCard, node: int) -> None:
         # tables are matched by name: a site alone keeps its CSV's column order, so any other list than
@@ -523,6 +560,10 @@ class Coordinator:
             algorithm, models = make_algorithm(self.config, self._facts(), self.privacy.preparer(self.roster))
             self.server = ServerRuntime(self.config, self.privacy.wrap(algorithm), models)
             self.privacy.plan(self.roster, self.server, models)
+            try:
+                check_private_deployment(self.config, self.server.algorithm, models, sorted(self.privacy.sites))
+            except ConfigError as exc:
+                raise ServerConfigError(str(exc)) from None
         return self.server
 
     def _facts(self) -> ModelFacts:
@@ -534,42 +575,34 @@ class Coordinator:
         return codec.RunHeader(run_key=self.run_key, config=self.config, base_round=self.last_accepted.get(site, -1),
                                dp_ready=bool(self.privacy.dp_ready))
 
+    def _round_bound(self) -> Bound:
+        """How long a train or evaluate phase waits for a site (:class:`~fedfew_med.flower.waits.Bound`)."""
+        return Bound.for_round(site_timeout_s=self.config.faults.site_timeout_s, round_timeout=self.settings.round_timeout)
+
     def _message(self, content: RecordDict, site_or_node: str | int, kind: str, *, group: str) -> Message:
         node = self.node_of[site_or_node] if isinstance(site_or_node, str) else site_or_node
-        timeout = self.settings.query_timeout if kind == MessageType.QUERY else self.settings.round_timeout
+        timeout = self.settings.query_timeout if kind == MessageType.QUERY else self._round_bound().seconds
         return Message(content, node, kind, ttl=timeout + _TTL_SLACK, group_id=group)
 
-    def _exchange(self, messages: Mapping[Any, Message], *, timeout: float) -> tuple[dict[Any, Message], dict[Any, str]]:
-        """Push ``messages`` and pull their replies until all arrived or ``timeout`` passed (never longer)."""
+    def _exchange(self, messages: Mapping[Any, Message], *, bound: Bound,
+                  timeout_words: Callable[[Any], str]) -> tuple[dict[Any, Message], dict[Any, str]]:
+        """Push ``messages`` and wait for their replies (:func:`fedfew_med.flower.waits.collect`): never past ``bound``,
+        and not for a site whose SuperNode is gone."""
         if not messages:
             return {}, {}
         keys = list(messages)
         ids = list(self.grid.push_messages([messages[k] for k in keys]))
         ids += [""] * (len(keys) - len(ids))
-        pending: dict[str, Any] = {}
+        pushed: dict[str, tuple[Any, int]] = {}
         errors: dict[Any, str] = {}
         for key, message_id in zip(keys, ids, strict=True):
             if message_id:
-                pending[message_id] = key
+                pushed[message_id] = (key, int(messages[key].metadata.dst_node_id))
             else:
                 errors[key] = "MessageRefused: the SuperLink did not accept the message"
-        answers: dict[Any, Message] = {}
-        deadline = time.monotonic() + timeout
-        while pending:
-            for reply in self.grid.pull_messages(list(pending)):
-                key = pending.pop(reply.metadata.reply_to_message_id, None)
-                if key is None:
-                    continue
-                if reply.has_error():
-                    errors[key] = describe_error(reply.error.code, reply.error.reason or "")
-                else:
-                    answers[key] = reply
-            remaining = deadline - time.monotonic()
-            if not pending or remaining <= 0:
-                break
-            time.sleep(min(self.settings.poll_interval, remaining))
-        for key in pending.values():
-            errors[key] = f"TimeoutError: no reply within {timeout:g}s"
+        answers, failures = collect(self.grid, pushed, bound=bound, poll_interval=self.settings.poll_interval,
+                                    describe=describe_error, timeout_words=timeout_words)
+        errors.update(failures)
         return answers, errors
 
     def _private(self) -> bool:
@@ -604,6 +637,8 @@ class Coordinator:
             "last_accepted": dict(sorted(self.last_accepted.items())),
             "privacy": self.privacy.state_dict(self._server().algorithm),  # every DP ledger as last reported
             "algorithm": self._server().algorithm.server_state(),  # e.g. FedFew's idle counts
+            "transport": [dict(entry) for entry in self.launches],  # each start's transport facts (transport.py)
+            "released_losses": released_state(self.released),  # the DP sites' last released K losses
         }
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
@@ -618,6 +653,8 @@ class Coordinator:
         self.facts = ModelFacts(**st["facts"])
         self.roster = {s: codec.SiteCard.from_json(s, c) for s, c in st["sites"].items()}
         self.last_accepted = {s: int(r) for s, r in st["last_accepted"].items()}
+        self.launches = [dict(entry) for entry in st.get("transport", [])]
+        self.released = load_released(st.get("released_losses"))
         algorithm, initial = make_algorithm(self.config, self.facts, self.privacy.restore_preparer(st.get("privacy")))
         self.server = ServerRuntime(self.config, self.privacy.wrap(algorithm), ckpt.server_models)
         try:  # spent budgets come back with the checkpoint; a restart never resets them

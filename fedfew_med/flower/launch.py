@@ -183,13 +183,16 @@ def flower_executable(name: str) -> str:
 
 def flower_env(base: Mapping[str, str] | None = None, *, flwr_home: str | Path | None = None) -> dict[str, str]:
     """An environment for Flower processes: this Python's ``bin`` first on PATH (the SuperLink and
-    SuperNodes start ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name), and
-    ``FLWR_HOME`` if given."""
+    SuperNodes start ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name),
+    ``FLWR_HOME`` if given, and Flower's telemetry off unless the environment turns it on."""
     env = dict(os.environ if base is None else base)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bindir] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir])
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
+    # No telemetry: Flower would otherwise call out to its servers from a hospital's network and wait
+    # up to 4 s for it at every process exit. A user who wants it sets FLWR_TELEMETRY_ENABLED=1.
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     return env
 
 

@@ -3,7 +3,8 @@
 - :mod:`~fedfew_med.privacy.policy` — :class:`PrivacyPolicy` (frozen, loaded from TOML with errors
   naming file, key, expectation and value), :func:`check_config` (a federation's resolved per-site
   privacy options against the policy, before any training), :func:`check_spent` (a finished run's
-  ledgers against the policy, for the report) and :func:`check_deployment` (TLS, authenticated sites).
+  ledgers against the policy, for the report), :func:`check_deployment` (TLS, authenticated sites) and
+  :func:`check_recorded_transport` (the same rules against what a run's coordinator recorded).
 
 Layer 2: it reads :mod:`fedfew_med.dp` (how every site's options resolve), never a runner.
 """
@@ -16,6 +17,7 @@ from fedfew_med.privacy.policy import (
     Verdict,
     check_config,
     check_deployment,
+    check_recorded_transport,
     check_spent,
     enforce,
     load_policy,
@@ -29,6 +31,7 @@ __all__ = [
     "Verdict",
     "check_config",
     "check_deployment",
+    "check_recorded_transport",
     "check_spent",
     "enforce",
     "load_policy",

@@ -23,7 +23,8 @@ Three checks, each returning one :class:`Verdict` per (site, rule):
   naming every site and rule broken;
 - :func:`check_spent` — what a run actually spent (its ``privacy`` records), for the report;
 - :func:`check_deployment` — TLS and site authentication of a deployment; an in-process
-  simulation has no network, so both rules are "not applicable" there.
+  simulation has no network, so both rules are "not applicable" there;
+  :func:`check_recorded_transport` checks them against what a Flower run's coordinator recorded.
 """
 
 from __future__ import annotations
@@ -295,6 +296,36 @@ def check_deployment(policy: PrivacyPolicy, *, tls: bool | None, authenticated: 
         else:
             out.append(Verdict(DEPLOYMENT, rule, bool(value) if required else None, words if required else "not required",
                                words if value else f"no {words}"))
+    return out
+
+
+def check_recorded_transport(policy: PrivacyPolicy, transport: Mapping[str, Any]) -> list[Verdict]:
+    """TLS and site authentication against what a run recorded (the privacy report's ``transport`` section).
+
+    Parameters
+    ----------
+    transport
+        ``{"runner": "simulation"}`` for an in-process run (both rules "n/a": no network), or a Flower
+        run's ``summary.json`` ``transport`` (``tls``, ``node_auth``: True, False or None, over all its
+        ``launches``). A fact the coordinator did not record (a launch not made with
+        ``fedfew-med flower run``) fails a rule that requires it: compliance cannot be shown.
+    """
+    if transport.get("runner") != "flower":
+        return check_deployment(policy, tls=None, authenticated=None)
+    launches = list(transport.get("launches") or [])
+    out = []
+    for rule, key, words in (("require_tls", "tls", "TLS"), ("require_authenticated_sites", "node_auth", "authenticated sites")):
+        required = bool(getattr(policy, rule))
+        value = transport.get(key)
+        if value is None:
+            actual = "not recorded by the coordinator (a launch not made with `fedfew-med flower run`)"
+            ok: bool | None = False if required else None
+        else:
+            without = [int(e.get("first_round", 0)) for e in launches if e.get(key) is False]
+            where = f"; in the launch from round {', '.join(map(str, without))}" if without and len(launches) > 1 else ""
+            actual = f"{words if value else f'no {words}'} (recorded by the coordinator{where})"
+            ok = bool(value) if required else None
+        out.append(Verdict(DEPLOYMENT, rule, ok, words if required else "not required", actual))
     return out
 
 

@@ -80,6 +80,9 @@ def test_same_models_and_records_as_the_simulation(tmp_path, algorithm, params, 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     sim_summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert summary.pop("run_key") == result.summary["run_key"]
+    transport = summary.pop("transport")  # only a deployment has one: here launched without transport facts
+    assert transport["runner"] == "flower" and transport["tls"] is None and transport["node_auth"] is None
+    assert sorted(transport["sites_connected"]) == NAMES
     assert summary == sim_summary
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == config.to_dict()
 
@@ -124,8 +127,9 @@ def test_a_silent_site_is_skipped_after_the_round_timeout_and_recorded(tmp_path)
     result = coordinator.run()
     rec = result.records[1]
     assert list(rec["failures"]) == ["site01-dark"]
-    assert rec["failures"]["site01-dark"] == "TimeoutError: no reply within 0.3s"
-    assert rec["evaluation_failures"] == {"site01-dark": "Skipped: the site was unreachable in this round's training"}
+    assert rec["failures"]["site01-dark"] == ("SiteTimeout: site 'site01-dark' did not finish round 1 within "
+                                              "round-timeout = 0.3 s; its late reply is discarded")
+    assert rec["evaluation_failures"] == {"site01-dark": rec["failures"]["site01-dark"]}  # not asked again
     assert "site01-dark" not in rec["server"]["sites"] and len(rec["server"]["sites"]) == 2
     assert result.summary["finished"] and result.summary["failures"] == {"1": rec["failures"]}
 
@@ -303,3 +307,102 @@ def test_fedfew_re_seeding_on_flower_matches_the_simulation_and_resumes(tmp_path
     result = Coordinator(grid, config, _settings(tmp_path, path, min_sites=3, resume=True)).run()
     _same_models(expected.models, result.models)
     assert _records(tmp_path / "run") == _records(tmp_path / "sim")
+
+
+def _timed_train(coordinator: Coordinator, seconds: dict[int, float], before=None):
+    """Wrap the coordinator's train phase: the wall time of each round's phase into ``seconds``."""
+    import time
+
+    original = coordinator._train
+
+    def train(info, participants):
+        if before is not None:
+            before(info)
+        t0 = time.monotonic()
+        try:
+            return original(info, participants)
+        finally:
+            seconds[info.round] = time.monotonic() - t0
+
+    coordinator._train = train
+
+
+def test_site_timeout_s_bounds_the_wait_for_a_silent_site(tmp_path):
+    """[faults].site_timeout_s (0.3 s) ends the wait long before round-timeout (60 s), in the simulation's words."""
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 2}, faults={"site_timeout_s": 0.3})
+    grid = _grid(tmp_path, path)
+    coordinator = Coordinator(grid, config, _settings(tmp_path, path, round_timeout=60.0))
+    seconds: dict[int, float] = {}
+    _timed_train(coordinator, seconds, before=lambda info: info.round == 1 and grid.silent.add(102))
+    result = coordinator.run()
+    rec = result.records[1]
+    assert rec["failures"] == {"site01-dark": "SiteTimeout: site 'site01-dark' did not finish round 1 within "
+                                              "[faults].site_timeout_s = 0.3 s; its late reply is discarded"}
+    assert rec["evaluation_failures"] == {"site01-dark": rec["failures"]["site01-dark"]}  # not asked again
+    assert seconds[1] < 10.0  # 0.3 s of waiting plus the two live sites' training, far below round-timeout
+    assert result.summary["finished"]
+
+
+def test_a_supernode_that_leaves_mid_round_is_given_up_as_offline(tmp_path):
+    """Killed during round 1: listed, silent, then dropped by the SuperLink (heartbeat expiry) while the
+    coordinator waits. The wait ends at the next liveness check, not at round-timeout, and reads SiteOffline."""
+    from fedfew_med.flower.waits import LEFT, liveness_every
+
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 2})
+    grid = _grid(tmp_path, path)
+    settings = _settings(tmp_path, path, round_timeout=60.0)
+    coordinator = Coordinator(grid, config, settings)
+    real_push = grid.push_messages
+
+    def push_then_drop(messages):
+        messages = list(messages)
+        ids = real_push(messages)
+        if any(m.metadata.message_type == "train" and m.metadata.group_id == "1" for m in messages):
+            grid.online.discard(102)  # its heartbeat expired after its train message was pushed
+        return ids
+
+    def kill(info):
+        if info.round == 1:
+            grid.silent.add(102)
+
+    grid.push_messages = push_then_drop
+    seconds: dict[int, float] = {}
+    _timed_train(coordinator, seconds, before=kill)
+    result = coordinator.run()
+    rec = result.records[1]
+    assert rec["failures"] == {"site01-dark": LEFT} and LEFT.startswith("SiteOffline: ")
+    assert rec["evaluation_failures"] == {"site01-dark": rec["failures"]["site01-dark"]}  # not asked again
+    assert seconds[1] < liveness_every(settings.poll_interval) + 10.0  # not round-timeout (60 s)
+    assert result.summary["site_status"]["site01-dark"] == "not evaluated: " + rec["evaluation_failures"]["site01-dark"]
+
+
+def test_the_transport_facts_of_each_launch_are_recorded_with_the_sites_that_connected(tmp_path):
+    """`flower run` passes tls / node-auth / launched-by; a resumed launch without TLS makes the run's TLS false."""
+    from fedfew_med.audit.report import transport_section
+    from fedfew_med.privacy import PrivacyPolicy, check_recorded_transport
+
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 2})
+    grid = _grid(tmp_path, path)
+    secure = {"tls": True, "node_auth": True, "launched_by": "fedfew-med flower run over flwr connection 'fed': TLS"}
+    first = Coordinator(grid, config, _settings(tmp_path, path, stop_after=1, **secure)).run()
+    assert first.summary["transport"]["tls"] is True and first.summary["transport"]["node_auth"] is True
+    assert first.summary["transport"]["sites_connected"] == {
+        name: {"node_id": 101 + i, "status": "connected"} for i, name in enumerate(NAMES)}
+    ckpt = checkpoint.load(tmp_path / "run")
+    assert ckpt is not None and ckpt.state["transport"] == first.summary["transport"]["launches"]
+    verdicts = check_recorded_transport(PrivacyPolicy(), transport_section(tmp_path / "run"))
+    assert [(v.rule, v.ok) for v in verdicts] == [("require_tls", True), ("require_authenticated_sites", True)]
+
+    grid.online.discard(103)
+    insecure = {"tls": False, "node_auth": False, "launched_by": "fedfew-med flower run over flwr connection 'lab': insecure"}
+    result = Coordinator(grid, config, _settings(tmp_path, path, resume=True, **insecure)).run()
+    transport = json.loads((tmp_path / "run" / "summary.json").read_text())["transport"]
+    assert transport == result.summary["transport"]
+    assert [(e["first_round"], e["tls"]) for e in transport["launches"]] == [(0, True), (1, False)]
+    assert transport["tls"] is False and transport["node_auth"] is False
+    assert transport["sites_connected"]["site02-noisy"] == {"node_id": None, "status": "disconnected"}
+    verdicts = check_recorded_transport(PrivacyPolicy(), transport_section(tmp_path / "run"))
+    assert [(v.rule, v.ok) for v in verdicts] == [("require_tls", False), ("require_authenticated_sites", False)]

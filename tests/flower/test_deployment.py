@@ -9,6 +9,7 @@ message starts a fresh ClientApp process that imports torch), so they are marked
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from fedfew_med import checkpoint
+from fedfew_med.flower.commands import transport_facts
 from fedfew_med.simulation import run as simulate
 from tests.flower.conftest import write_config
-from tests.flower.harness import LoopbackFederation, wait_for
+from tests.flower.harness import CONNECTION, LoopbackFederation, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # real processes: minutes; run by `make test-slow`
 NAMES = ["site00-bright", "site01-dark", "site02-noisy"]
@@ -139,3 +141,50 @@ def test_a_stopped_site_is_recorded_and_a_restarted_server_resumes_from_the_last
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] and summary["rounds"] == 2
     assert summary["failures"] == {"1": records[1]["failures"]}
+
+
+def test_a_supernode_killed_mid_round_costs_at_most_site_timeout_s(tmp_path):
+    """One SuperNode is SIGKILLed as round 1 starts while the SuperLink lives. Round 1 (no evaluation in it)
+    ends within [faults].site_timeout_s, its failure reads SiteOffline or SiteTimeout (not Flower's text),
+    round 2 records the site as offline, and summary.json lists every site with its status and the transport."""
+    # site_timeout_s: above a live site's round here (a fresh ClientApp process importing torch: ~40 s on 2 busy
+    # cores); a dead SuperNode is usually noticed sooner, when the SuperLink drops it (heartbeat: 38-60 s)
+    site_timeout, slack = 120.0, 30.0  # slack: aggregation, checkpoint, polling
+    config_path = tmp_path / "federation.toml"
+    write_config(config_path, run={"rounds": 3, "eval_every": 2}, faults={"site_timeout_s": site_timeout})
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    with _federation(tmp_path, config_path) as fed:
+        fed.start_superlink()
+        fed.register_all()
+        for name in NAMES:
+            fed.start_supernode(name)
+        fed.wait_online(3)
+        facts = transport_facts(fed.cli_home, CONNECTION)  # what `fedfew-med flower run` passes
+        fed.run(_run_config(run_dir, config_path, **{**facts, "round-timeout": 300.0}))  # site_timeout_s is the bound
+        wait_for(lambda: checkpoint.latest_round(run_dir) == 0, timeout=400, interval=0.2, what="round 0",
+                 diagnostics=fed.logs)
+        killed = time.monotonic()
+        fed.crash_supernode("site02-noisy")  # SIGKILL: no goodbye; the SuperLink lists it until its heartbeat expires
+        wait_for(lambda: len(metrics.read_text().splitlines()) >= 2, timeout=site_timeout + slack + 120, interval=0.2,
+                 what="round 1's record", diagnostics=fed.logs)
+        stall = time.monotonic() - killed
+        wait_for(lambda: (run_dir / "summary.json").exists(), timeout=400, interval=1, what="the summary",
+                 diagnostics=fed.logs)
+    records = _records(metrics)
+    failure = records[1]["failures"]["site02-noisy"]
+    print(f"SuperNode SIGKILLed as round 1 began: round 1 recorded {stall:.1f} s later (round 0 took "
+          f"{records[0]['seconds']:.1f} s, round 1 {records[1]['seconds']:.1f} s); failure: {failure}")
+    assert list(records[1]["failures"]) == ["site02-noisy"]
+    assert failure.startswith(("SiteOffline: ", "SiteTimeout: site 'site02-noisy' did not finish round 1 within "
+                               f"[faults].site_timeout_s = {site_timeout:g} s"))
+    assert "UNAVAILABLE" not in failure and "session" not in failure
+    assert stall <= site_timeout + slack
+    assert records[2]["failures"] == {"site02-noisy": "SiteOffline: the site's SuperNode is not connected to the SuperLink"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] and sorted(summary["site_status"]) == NAMES
+    assert summary["site_status"]["site02-noisy"].startswith("not evaluated: SiteOffline")
+    assert summary["summary"]["sites"] == 2 and summary["summary"]["of_sites"] == 3
+    transport = summary["transport"]
+    assert transport["tls"] is True and transport["node_auth"] is True and sorted(transport["sites_connected"]) == NAMES
+    assert transport["sites_connected"]["site02-noisy"]["status"] == "disconnected"

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.common.config import parse_config_args
 
-from fedfew_med.flower import commands, launch
+from fedfew_med.flower import commands, launch, supervise
 from fedfew_med.flower.coordinator import ServerConfigError, ServerSettings
 from fedfew_med.flower.node import NodeConfigError, NodeSettings
 from tests.flower.conftest import write_config
@@ -173,7 +173,7 @@ def test_cli_steps_build_the_same_commands(tmp_path, monkeypatch):
     args = parser.parse_args(["flower", "credentials", str(tmp_path / "c"), "--site", "a", "--site", "b"])
     assert args.func(args) == 0 and any("nodes/a.pub" in x for x in lines)
     execs: list[list[str]] = []
-    monkeypatch.setattr(commands.os, "execvpe", lambda file, cmd, env: execs.append(cmd))
+    monkeypatch.setattr(supervise, "supervise", lambda cmd, **kw: execs.append(list(cmd)) or 0)
     args = parser.parse_args(["flower", "superlink", "--credentials", str(tmp_path / "c"), "--host", "0.0.0.0"])
     args.func(args)
     assert "--enable-supernode-auth" in execs[-1] and str(tmp_path / "c" / "superlink.db") in execs[-1]
@@ -202,7 +202,7 @@ def test_supernode_validates_its_site_before_it_starts(tmp_path, monkeypatch, ca
     from fedfew_med.cli import main
 
     execs: list[list[str]] = []
-    monkeypatch.setattr(commands.os, "execvpe", lambda file, cmd, env: execs.append(cmd))
+    monkeypatch.setattr(supervise, "supervise", lambda cmd, **kw: execs.append(list(cmd)) or 0)
     base = ["flower", "supernode", "--superlink", "127.0.0.1:1", "--insecure", "--state-dir", str(tmp_path / "st")]
     assert main([*base, "--site-config", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml" in capsys.readouterr().err and execs == []
@@ -234,7 +234,7 @@ def test_a_policy_refuses_an_insecure_deployment_before_anything_starts(tmp_path
     policy = tmp_path / "policy.toml"
     policy.write_text('[policy]\nname = "consortium"\nrequire_tls = true\nrequire_authenticated_sites = true\n')
     execs: list[list[str]] = []
-    monkeypatch.setattr(commands.os, "execvpe", lambda file, cmd, env: execs.append(cmd))
+    monkeypatch.setattr(supervise, "supervise", lambda cmd, **kw: execs.append(list(cmd)) or 0)
     assert main(["flower", "superlink", "--insecure", "--policy", str(policy)]) == 2
     err = capsys.readouterr().err
     assert f"this SuperLink (--insecure) breaks the privacy policy {policy} (consortium); nothing was started:" in err
@@ -265,7 +265,7 @@ def test_flower_run_takes_set_overrides_as_simulate_does(tmp_path, monkeypatch):
 
     fed = Path(__file__).resolve().parents[2] / "site_configs" / "demo_federation.toml"
     runs: list[list[str]] = []
-    monkeypatch.setattr(commands.subprocess, "run", lambda cmd, **kw: runs.append(cmd) or type("P", (), {"returncode": 0})())
+    monkeypatch.setattr(supervise, "supervise", lambda cmd, **kw: runs.append(cmd) or 0)  # flwr run, supervised
     base = ["flower", "run", "fed", "--federation-config", str(fed), "--run-dir", str(tmp_path / "run"),
             "--flwr-home", str(tmp_path / "home")]
     assert main([*base, "--set", "training.lr=0.02", "--set", "algorithm.name='fedavg'", "--set", "algorithm.params={}"]) == 0

@@ -142,6 +142,7 @@ def test_dp_sites_deploy_by_their_released_losses_and_evaluation_charges_nothing
         assert entry["epsilon"] == pytest.approx(entry["planned"]["epsilon"], rel=1e-12)
 
 
+@pytest.mark.slow  # three DP federations
 def test_a_resumed_dp_run_deploys_as_an_uninterrupted_one(tmp_path):
     whole = run(_config(), run_dir=tmp_path / "whole")
     run(_config(), run_dir=tmp_path / "cut", stop_after=1)

@@ -234,3 +234,15 @@ def test_a_rolled_back_checkpoint_is_refused_by_the_coordinators_ledger_chain(tm
     state_file.write_text(json.dumps(meta))
     with pytest.raises(RunDirError, match=r"do not match line 1 of .*privacy_ledger.jsonl"):
         Coordinator(grid, config, _settings(tmp_path, path, resume=True)).run()
+
+
+def test_the_coordinator_refuses_fine_tuning_at_deployment_with_dp_sites(tmp_path):
+    """fedfew_ft would fine-tune on a DP site's records outside its ledger: refused before any training, as simulate."""
+    from fedfew_med.flower.coordinator import ServerConfigError
+
+    path = tmp_path / "fed.toml"
+    config = write_config(path, run={"rounds": 2}, algorithm={"name": "fedfew_ft", "params": {"k": 2, "reseed_after": 0}}, **FIXED)
+    with pytest.raises(ServerConfigError, match="fine-tunes at deployment"):
+        Coordinator(_grid(tmp_path, path), config, _settings(tmp_path, path)).run()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""  # no round ran

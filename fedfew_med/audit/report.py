@@ -29,6 +29,7 @@ from fedfew_med.config import federation_from_dict
 from fedfew_med.dp import PrivacyLedger
 from fedfew_med.evaluation import Run, load_run
 from fedfew_med.evaluation.run import read_records
+from fedfew_med.flower.transport import transport_record
 from fedfew_med.privacy import PrivacyPolicy, check_recorded_transport, check_spent
 
 log = logging.getLogger(__name__)
@@ -142,10 +143,7 @@ def transport_section(run_dir: Path) -> dict[str, Any]:
     nodes = _read_json(run_dir / "nodes.json")
     if not nodes:
         return {"runner": "simulation"}
-    return {"runner": "flower", "tls": None, "node_auth": None, "launches": [],
-            "sites_connected": {row["site"]: {"node_id": row.get("node_id"), "status": row.get("status")}
-                                for row in nodes.get("sites", [])},
-            "refused_node_ids": list(nodes.get("refused_node_ids", []))}
+    return transport_record([], nodes)  # no launch recorded: TLS and authentication None
 
 
 def attack_run(run: Run, *, n_resamples: int, seed: int) -> dict[str, Any]:

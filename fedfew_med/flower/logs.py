@@ -8,9 +8,9 @@ nobody else configures; :func:`forward_logs` attaches a stderr handler to the
 Opacus calls ``logging.basicConfig`` when it is imported (``opacus/utils/module_utils.py``),
 which gives the root logger a stderr handler in any process that imports it: our records
 (they propagate to the root) and Flower's (the ``flwr`` logger propagates too, DEBUG
-included) were then written twice, in two formats. :func:`keep_root_logging` undoes
-that around an import, and :func:`forward_logs` keeps our records off any console handler
-of the root logger while its own handler shows them.
+included) were then written twice, in two formats. :mod:`fedfew_med.dp.quiet_import` undoes
+that where Opacus is imported, for every process; :func:`forward_logs` also keeps our records
+off any console handler that something else gives the root logger while its own handler shows them.
 """
 
 from __future__ import annotations
@@ -65,19 +65,3 @@ def forward_logs(level: int = logging.INFO) -> Iterator[None]:
             h.removeFilter(not_ours)
         logger.setLevel(previous)
 
-
-@contextmanager
-def keep_root_logging() -> Iterator[None]:
-    """Remove the handlers that code run inside the block adds to the root logger.
-
-    For imports of libraries that configure logging as a side effect (Opacus calls
-    ``logging.basicConfig``); handlers the root logger had before are kept.
-    """
-    root = logging.getLogger()
-    before = list(root.handlers)
-    try:
-        yield
-    finally:
-        for h in list(root.handlers):
-            if h not in before:
-                root.removeHandler(h)

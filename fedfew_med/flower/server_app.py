@@ -12,10 +12,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedfew_med.config import load_federation
-from fedfew_med.flower.logs import forward_logs, keep_root_logging
-
-with keep_root_logging():  # Opacus's logging.basicConfig would write every record of this process twice
-    from fedfew_med.flower.coordinator import Coordinator, ServerSettings
+from fedfew_med.flower.coordinator import Coordinator, ServerSettings
+from fedfew_med.flower.logs import forward_logs
 
 app = ServerApp()
 

@@ -103,7 +103,7 @@ def _stat(pid: int) -> list[str] | None:
     return raw.rsplit(b")", 1)[1].decode().split()
 
 
-def _identity(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """The start time of ``pid`` (Linux), to tell a process from a later one with the same number."""
     fields = _stat(pid)
     return fields[19] if fields is not None and len(fields) > 19 else None
@@ -326,7 +326,7 @@ def supervise(
             now = time.monotonic()
             if not subreaper and (now >= next_walk or len(received) > forwarded):
                 for pid in descendants(proc.pid):
-                    known.setdefault(pid, _identity(pid))
+                    known.setdefault(pid, start_time(pid))
                 next_walk = now + 1.0
             while forwarded < len(received):
                 signum = received[forwarded]
@@ -352,7 +352,7 @@ def supervise(
                 continue
         # whatever it started and did not stop: adopted by this subreaper, or seen in the walks
         adopted = [p for p in descendants(os.getpid()) if p not in ours_before] if subreaper else []
-        left = {p: known.get(p) or _identity(p) for p in dict.fromkeys([*adopted, *known]) if alive(p, known.get(p))}
+        left = {p: known.get(p) or start_time(p) for p in dict.fromkeys([*adopted, *known]) if alive(p, known.get(p))}
         if left:  # Flower's own stop when they notice their parent is gone (they poll): give them the time
             termed, killed = stop_processes(left, grace=kill_grace, wait_first=kill_grace)
             log.log(logging.WARNING if killed else logging.INFO,

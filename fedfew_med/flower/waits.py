@@ -180,8 +180,7 @@ def collect(
                 if puller.error is not None:
                     raise puller.error
                 reply = puller.reply
-                if reply is None:
-                    continue
+                assert reply is not None  # a puller ends without a reply only when stopped, and a stopped one is not waited for
                 if not reply.has_error():
                     answers[key] = reply
                     continue

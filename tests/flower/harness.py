@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fedfew_med.flower import launch
+from fedfew_med.flower.supervise import (  # the process tree as the CLI's supervisor walks it
+    alive,
+    descendants,
+)
 
 T = TypeVar("T")
 CONNECTION = "fedfew-test"
@@ -45,38 +49,6 @@ def wait_for(predicate: Callable[[], T], *, timeout: float, what: str, interval:
         time.sleep(interval)
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (Flower starts SuperExec, ServerApp and ClientApp processes)."""
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def kill_tree(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
     """Signal ``proc``, its process group and all its descendants; SIGKILL what is left after ``grace``."""
     pids = [proc.pid, *descendants(proc.pid)]
@@ -90,10 +62,10 @@ def kill_tree(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, grace
     except subprocess.TimeoutExpired:
         pass
     deadline = time.monotonic() + grace
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     for target in [*pids, *descendants(proc.pid)]:
-        if _alive(target):
+        if alive(target):
             try:
                 os.kill(target, signal.SIGKILL)
             except ProcessLookupError:
@@ -154,6 +126,14 @@ class LoopbackFederation:
             runtime_port=self.node_ports[site],
         )
         self.nodes[site] = self._spawn(cmd, f"supernode-{site}", self.root / f"home-{site}")
+
+    def start_all(self) -> None:
+        """The SuperLink, every site registered and its SuperNode started, all of them online."""
+        self.start_superlink()
+        self.register_all()
+        for site in self.sites:
+            self.start_supernode(site)
+        self.wait_online(len(self.sites))
 
     def crash_supernode(self, site: str) -> None:
         kill_tree(self.nodes.pop(site), sig=signal.SIGKILL, grace=5)

@@ -66,11 +66,7 @@ def test_two_rounds_over_tls_with_authenticated_sites_equal_the_simulation(tmp_p
     expected = simulate(config, run_dir=tmp_path / "sim")
     run_dir = tmp_path / "run"
     with _federation(tmp_path, config_path) as fed:
-        fed.start_superlink()
-        fed.register_all()
-        for name in NAMES:
-            fed.start_supernode(name)
-        fed.wait_online(3)
+        fed.start_all()
         fed.run(_run_config(run_dir, config_path))
         wait_for(lambda: (run_dir / "summary.json").exists(), timeout=600, interval=1, what="the run to finish",
                  diagnostics=fed.logs)
@@ -108,11 +104,7 @@ def test_a_stopped_site_is_recorded_and_a_restarted_server_resumes_from_the_last
     run_dir = tmp_path / "run"
     metrics = run_dir / "metrics.jsonl"
     with _federation(tmp_path, config_path) as fed:
-        fed.start_superlink()
-        fed.register_all()
-        for name in NAMES:
-            fed.start_supernode(name)
-        fed.wait_online(3)
+        fed.start_all()
         fed.run(_run_config(run_dir, config_path))
         wait_for(lambda: checkpoint.latest_round(run_dir) == 0, timeout=300, interval=0.2, what="round 0",
                  diagnostics=fed.logs)
@@ -155,11 +147,7 @@ def test_a_supernode_killed_mid_round_costs_at_most_site_timeout_s(tmp_path):
     run_dir = tmp_path / "run"
     metrics = run_dir / "metrics.jsonl"
     with _federation(tmp_path, config_path) as fed:
-        fed.start_superlink()
-        fed.register_all()
-        for name in NAMES:
-            fed.start_supernode(name)
-        fed.wait_online(3)
+        fed.start_all()
         facts = transport_facts(fed.cli_home, CONNECTION)  # what `fedfew-med flower run` passes
         fed.run(_run_config(run_dir, config_path, **{**facts, "round-timeout": 300.0}))  # site_timeout_s is the bound
         wait_for(lambda: checkpoint.latest_round(run_dir) == 0, timeout=400, interval=0.2, what="round 0",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedfew_med.flower import launch
-from fedfew_med.flower.supervise import alive, descendants
+from fedfew_med.flower.supervise import alive, descendants, start_time
 from tests.flower.conftest import write_config
 from tests.flower.harness import CONNECTION, LoopbackFederation, wait_for
 
@@ -89,7 +89,7 @@ def test_sigterm_to_the_cli_superlink_and_supernode_leaves_no_process_and_clean_
                  diagnostics=fed.logs)
         before = {**_tree(link.pid), **_tree(node.pid)}
         assert any("flower-superexec" in c for c in before.values()), before
-        identity = {p: Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[19] for p in before if alive(p)}
+        identity = {p: start_time(p) for p in before if alive(p)}
         os.kill(node.pid, signal.SIGTERM)
         os.kill(link.pid, signal.SIGTERM)
         link_code, node_code = link.wait(timeout=60), node.wait(timeout=60)

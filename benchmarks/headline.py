@@ -148,7 +148,10 @@ def speed_rows(results: Path) -> list[str]:
         q = res["paper"]
         out += [f"| papers' network (Fashion-MNIST, 20 sites, pflcnn) FedFew round / plain PyTorch loop, 1 thread each | {q['ratio_sequential']:.2f} | |",
                 f"| the same with `--workers 2` / plain loop at 1 thread; at 2 threads | {q['ratio_workers_vs_bare_1_thread']:.2f}; "
-                f"{q['ratio_workers_vs_bare_2_threads']:.2f} | ≤ 0.8 |"]
+                f"{q['ratio_workers_vs_bare_2_threads']:.2f} | |"]
+        if "ratio_channels_last_sequential" in q:
+            out.append(f"| the same with `[training] channels_last`: 1 thread / plain loop at 1 thread; `--workers 2` / plain loop at 2 threads "
+                       f"| {q['ratio_channels_last_sequential']:.2f}; {q['ratio_channels_last_workers_vs_bare_2_threads']:.2f} | ≤ 0.8 |")
     if res.get("cli"):
         out.append(f"| CLI start-up beyond `python -c pass` (`--help`) | +{res['cli']['extra_s']:.2f} s | < 1 s |")
     return out

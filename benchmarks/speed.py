@@ -14,6 +14,8 @@ Every figure is a ratio or a measurement taken within one run of this script:
   and scores them: the price of K models);
 - ``--workers 2``: a simulated round with the sites split over 2 processes (1 thread each)
   against 1 process at 2 threads, same numbers to the bit (``tests/test_site_pool.py``);
+- the papers' network (``pflcnn``, Fashion-MNIST, 20 sites): a FedFew round through the simulator, in the
+  default memory layout and with ``[training] channels_last``, against a plain sequential PyTorch loop;
 - CLI start-up: ``fedfew-med --help`` (and ``simulate --help``) against ``python -c pass``.
 
 Usage::
@@ -287,8 +289,9 @@ def workers_speedup(rounds: int) -> dict[str, Any]:
 
 def paper_round(rounds: int, records: int) -> dict[str, Any] | None:
     """The issue-17 work on the pFL papers' network: Fashion-MNIST, 20 sites (Dirichlet 0.1), FedFew K = 3, lr 0.005,
-    batch 50, ``pflcnn``. A FedFew round through the simulator (1 process at 1 thread; 2 workers at 1 thread each)
-    against a plain sequential PyTorch loop doing the same K trainings per site (at 1 and at 2 threads). Medians."""
+    batch 50, ``pflcnn``. A FedFew round through the simulator (1 process at 1 thread; 2 workers at 1 thread each),
+    in the default memory layout and with ``[training] channels_last``, against a plain sequential PyTorch loop doing
+    the same K trainings per site in the default layout (at 1 and at 2 threads). Medians."""
     from fedfew_med.datasets.fashion_mnist import fashion_mnist_sites
 
     try:
@@ -296,32 +299,38 @@ def paper_round(rounds: int, records: int) -> dict[str, Any] | None:
     except FileNotFoundError as exc:
         print(f"paper-network round skipped: {exc}", file=sys.stderr)
         return None
-    cfg = federation_from_dict({
-        "run": {"rounds": rounds + 1, "seed": 0},
-        "algorithm": {"name": "fedfew", "params": {"k": 3}},
-        "training": {"local_epochs": 1, "lr": 0.005, "batch_size": 50},
-        "model": {"name": "pflcnn", "params": {"hidden": 512}},
-        "data": {"name": "synthetic", "params": {}},  # placeholder: the sites are passed in memory
-    })
+
+    def config(channels_last: bool) -> Any:
+        return federation_from_dict({
+            "run": {"rounds": rounds + 1, "seed": 0},
+            "algorithm": {"name": "fedfew", "params": {"k": 3}},
+            "training": {"local_epochs": 1, "lr": 0.005, "batch_size": 50, "channels_last": channels_last},
+            "model": {"name": "pflcnn", "params": {"hidden": 512}},
+            "data": {"name": "synthetic", "params": {}},  # placeholder: the sites are passed in memory
+        })
+
     saved = torch.get_num_threads()
 
-    def ours(workers: int) -> float:
+    def ours(workers: int, channels_last: bool) -> float:
         torch.set_num_threads(1)
-        return _median_round(cfg, rounds, workers, sites=sites)
+        return _median_round(config(channels_last), rounds, workers, sites=sites)
 
     def bare(threads: int) -> float:
         torch.set_num_threads(threads)
-        fed = Federation(cfg, sites)
+        fed = Federation(config(False), sites)  # fresh networks in the default layout
         return _median_time(lambda r: bare_round(fed, r), rounds)
 
     try:
-        seq, two = ours(1), ours(2)
+        seq, two = ours(1, False), ours(2, False)
+        seq_cl, two_cl = ours(1, True), ours(2, True)
         bare1, bare2 = bare(1), bare(2)
     finally:
         torch.set_num_threads(saved)
     return {"records": records, "rounds": rounds, "ours_1_thread_s": seq, "ours_2_workers_s": two, "bare_1_thread_s": bare1,
             "bare_2_threads_s": bare2, "ratio_sequential": seq / bare1, "ratio_workers_vs_bare_1_thread": two / bare1,
-            "ratio_workers_vs_bare_2_threads": two / bare2}
+            "ratio_workers_vs_bare_2_threads": two / bare2,
+            "channels_last_1_thread_s": seq_cl, "channels_last_2_workers_s": two_cl,
+            "ratio_channels_last_sequential": seq_cl / bare1, "ratio_channels_last_workers_vs_bare_2_threads": two_cl / bare2}
 
 
 def cli_startup(repeats: int) -> dict[str, Any]:
@@ -384,7 +393,11 @@ def to_markdown(res: dict[str, Any]) -> str:
                      f"{q['bare_1_thread_s']:.2f} s) | |")
         lines.append(f"| the same with `--workers 2` (1 thread each) / plain loop at 1 thread; / plain loop at 2 threads | "
                      f"{q['ratio_workers_vs_bare_1_thread']:.2f}; {q['ratio_workers_vs_bare_2_threads']:.2f} ({q['ours_2_workers_s']:.2f} s; "
-                     f"{q['bare_2_threads_s']:.2f} s) | <= 0.8 (issue 17) |")
+                     f"{q['bare_2_threads_s']:.2f} s) | |")
+        if "ratio_channels_last_sequential" in q:
+            lines.append(f"| the same with `[training] channels_last`: 1 thread / plain loop at 1 thread; `--workers 2` / plain loop "
+                         f"at 2 threads | {q['ratio_channels_last_sequential']:.2f}; {q['ratio_channels_last_workers_vs_bare_2_threads']:.2f} "
+                         f"({q['channels_last_1_thread_s']:.2f} s; {q['channels_last_2_workers_s']:.2f} s) | <= 0.8 (issue 17) |")
     if res.get("cli"):
         c = res["cli"]
         lines.append(f"| CLI start-up (`--help`, `simulate --help`) beyond `python -c pass`, medians of {c['repeats']} | "

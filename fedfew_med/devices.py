@@ -7,7 +7,10 @@
 ``grad_scaler``        ``torch.amp.GradScaler`` for ``"16-mixed"`` (float16 gradients
                        underflow without it), else None
 ``backward_step``      backward and optimiser step of one batch, through the scaler if any
-``to_cpu``             detached CPU copies of a state dict: what leaves a site
+``to_cpu``             detached contiguous CPU copies of a state dict: what leaves a site
+``memory_format``      ``channels_last`` / ``channels_last_3d`` for a network with 2-D / 3-D
+                       convolutions when ``[training].channels_last`` asks for it, else None
+``to_device``          a batch of images on the device, in that memory format
 =====================  ================================================================
 
 On the CPU at precision ``"32"`` every helper is the identity (``nullcontext``, ``Tensor.to``
@@ -77,5 +80,31 @@ def backward_step(objective: torch.Tensor, optimizer: torch.optim.Optimizer, sca
 
 
 def to_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU copies (a copy even on the CPU: the caller may go on training the source)."""
-    return {n: t.detach().to("cpu", copy=True) for n, t in tensors.items()}
+    """Detached contiguous CPU copies (a copy even on the CPU: the caller may go on training the source;
+    contiguous whatever the training layout, so replies and checkpoints never depend on it)."""
+    return {n: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for n, t in tensors.items()}
+
+
+# Rank of a convolution weight (and of an image batch) -> its channels-last format.
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def memory_format(network: torch.nn.Module, channels_last: bool) -> torch.memory_format | None:
+    """The channels-last format for ``network``'s convolutions, or None (not asked, or no convolution).
+
+    A network whose weights include 4-D (5-D) tensors, i.e. 2-D (3-D) convolutions, gets
+    ``channels_last`` (``channels_last_3d``); 3-D networks take the 5-D format even when they hold
+    some 4-D weight too.
+    """
+    if not channels_last:
+        return None
+    ranks = {p.dim() for p in network.parameters()} & set(_CHANNELS_LAST)
+    return _CHANNELS_LAST[max(ranks)] if ranks else None
+
+
+def to_device(images: torch.Tensor, device: torch.device, fmt: torch.memory_format | None) -> torch.Tensor:
+    """``images`` (B, C, *spatial) on ``device``, in ``fmt`` when it is the batch's rank's channels-last format."""
+    images = images.to(device)
+    if fmt is not None and _CHANNELS_LAST.get(images.dim()) == fmt:
+        images = images.contiguous(memory_format=fmt)
+    return images

@@ -40,7 +40,7 @@ from fedfew_med.config import ConfigError
 
 
 class SmallCNN(nn.Module):
-    """conv(32, 5) → pool → conv(64, 5) → pool → fc(512) → fc(classes), for 2-D inputs.
+    """conv(32, 5) → ReLU → pool → conv(64, 5) → ReLU → pool → fc(512) → ReLU → fc(classes), for 2-D inputs.
 
     ``padding=2`` keeps each convolution's output the size of its input (``smallcnn``);
     ``padding=0`` is the personalized-FL papers' network (``pflcnn``): on 28 × 28 the
@@ -51,12 +51,14 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, image_size: int = 32, hidden: int = 512, padding: int = 2) -> None:
         super().__init__()
         self.features = nn.Sequential(
+            # pool before ReLU: max and ReLU commute (ReLU is monotone), so this is the papers' conv → ReLU →
+            # pool to the bit, with the ReLU on a quarter of the elements. Parameter names are unchanged.
             nn.Conv2d(in_channels, 32, 5, padding=padding),
-            nn.ReLU(),
             nn.MaxPool2d(2),
+            nn.ReLU(),
             nn.Conv2d(32, 64, 5, padding=padding),
-            nn.ReLU(),
             nn.MaxPool2d(2),
+            nn.ReLU(),
         )
         side = ((image_size + 2 * padding - 4) // 2 + 2 * padding - 4) // 2  # conv 5 (-4 + 2p), pool 2, twice
         if side < 1:

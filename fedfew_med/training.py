@@ -28,7 +28,15 @@ from torch.func import functional_call, vmap
 from fedfew_med.algorithms.base import Params, Prox, TrainResult
 from fedfew_med.config import TrainingConfig
 from fedfew_med.data.base import SiteData, Split
-from fedfew_med.devices import autocast, backward_step, grad_scaler, resolve_device, to_cpu
+from fedfew_med.devices import (
+    autocast,
+    backward_step,
+    grad_scaler,
+    memory_format,
+    resolve_device,
+    to_cpu,
+    to_device,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -110,6 +118,9 @@ class SiteWork:
         self.device = resolve_device(training.device)
         self.precision = training.precision
         self.network.to(self.device)  # in place; a no-op when it is there already (the CPU, always, by default)
+        self.memory_format = memory_format(self.network, training.channels_last)
+        if self.memory_format is not None:  # in place too: load_state_dict copies into these strides
+            self.network.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # torch stubs omit the keyword
         self.samples_seen = 0
         self.steps_taken = 0
 
@@ -133,6 +144,10 @@ class SiteWork:
         """
         self._load(params, slot)
         return self.network.eval()
+
+    def _batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's images (in the training memory format) and labels, on the device."""
+        return to_device(batch["image"], self.device, self.memory_format), batch["label"].to(self.device)
 
     def generator(self, slot: str) -> torch.Generator:
         """The data-order generator of ``slot`` in this round."""
@@ -165,7 +180,7 @@ class SiteWork:
         for _ in range(epochs):
             total, count = 0.0, 0
             for batch in loader:
-                x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+                x, y = self._batch(batch)
                 opt.zero_grad(set_to_none=True)
                 with autocast(self.device, self.precision):
                     loss = self.loss_fn(net(x), y)
@@ -205,7 +220,7 @@ class SiteWork:
         total, count = torch.zeros(len(params), dtype=torch.float64), 0
         with torch.no_grad():
             for batch in self.data.loader(self._split(split), batch_size=max(self.training.batch_size, 64)):
-                x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+                x, y = self._batch(batch)
                 with autocast(self.device, self.precision):
                     per_copy = batched(stacked, x, y)
                 total += per_copy.detach().to("cpu", torch.float64) * len(x)
@@ -248,7 +263,7 @@ class SiteWork:
         for _ in range(t.local_epochs):
             total, count = torch.zeros(len(params), dtype=torch.float64), 0
             for batch in loader:
-                x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+                x, y = self._batch(batch)
                 opt.zero_grad(set_to_none=True)
                 with autocast(self.device, self.precision):
                     per_copy = batched(stacked, x, y)  # (K,)
@@ -275,7 +290,7 @@ class SiteWork:
         self.network.eval()
         total, count = 0.0, 0
         for batch in self.data.loader(split_, batch_size=max(self.training.batch_size, 64)):
-            x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+            x, y = self._batch(batch)
             with autocast(self.device, self.precision):
                 out = self.network(x)
             total += float(self.loss_fn(out.float(), y)) * len(x)
@@ -304,7 +319,7 @@ class SiteWork:
         probs, targets = [], []
         for batch in self.data.loader(self._split(split), batch_size=max(self.training.batch_size, 64)):
             with autocast(self.device, self.precision):
-                out = self.network(batch["image"].to(self.device))
+                out = self.network(to_device(batch["image"], self.device, self.memory_format))
             probs.append(torch.softmax(out.float(), dim=1).cpu())
             targets.append(batch["label"])
         if not probs:

@@ -124,6 +124,10 @@ def private_sites(config: FederationConfig, sites: Sequence[SiteData]) -> dict[s
     if out and config.training.one_pass:
         raise ConfigError(f"{config.source}: [training].one_pass cannot be used when a site trains with DP "
                           f"(site {next(iter(out))!r}): DP-SGD clips and noises each copy's per-sample gradients on its own")
+    if out and config.training.channels_last:
+        raise ConfigError(f"{config.source}: [training].channels_last cannot be used when a site trains with DP "
+                          f"(site {next(iter(out))!r}): Opacus' per-sample gradients are written for the default memory layout; "
+                          "set channels_last = false")
     if out and config.training.precision != "32":
         # Clipping bounds a float32 per-sample gradient norm; under autocast Opacus' hooks would see
         # bfloat16/float16 activations and gradients, which its clipping and noise were not written for.

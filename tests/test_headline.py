@@ -59,3 +59,25 @@ def test_protocol_2_results_get_the_interval_table(tmp_path: Path) -> None:
     # the default is 0.010 below on every seed (no match) but within 1 point of FedAvg: each row gets its verdicts
     assert "fedavg: 0.810 ± 0.010 / 0.710" in row
     assert "fedfew_ft: +0.010 [+0.010, +0.010] / +0.010 [+0.010, +0.010] | no / yes | yes / yes | 3 | not checked |" in row
+
+
+def test_per_site_table_sorts_sites_by_the_better_fedfew_rows_gap(tmp_path: Path) -> None:
+    """benchmarks/per_site.py on a hand-made result: per-site means over seeds, gaps computed by hand."""
+    def method(mean: float, per_seed_sites: list[dict[str, float]]) -> dict:
+        return {"mean": mean, "per_seed": [{"per_site": s} for s in per_seed_sites]}
+
+    methods = {"fedfew K=3": method(0.70, [{"a": 0.9, "b": 0.5}, {"a": 0.7, "b": 0.5}]),       # a 0.8, b 0.5
+               "fedfew_ft K=3": method(0.75, [{"a": 0.9, "b": 0.6}, {"a": 0.9, "b": 0.6}]),    # a 0.9, b 0.6: the better row
+               "ditto": method(0.80, [{"a": 0.85, "b": 0.75}, {"a": 0.85, "b": 0.75}]),
+               "fedavg": method(0.60, [{"a": 0.6, "b": 0.6}, {"a": 0.6, "b": 0.6}])}
+    res = {"description": "Data S", "metric": "accuracy", "seeds": [0, 1], "rounds": 5, "protocol": 2,
+           "methods": methods, "comparison": {"best_baseline": "ditto"}}
+    (tmp_path / "quality_s.json").write_text(json.dumps(res))
+    (tmp_path / "quality_s_quick.json").write_text(json.dumps({**res, "description": "Smoke"}))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "per_site.py"), "--results", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Smoke" not in out and (tmp_path / "per_site.md").read_text() == out
+    rows = [line for line in out.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
+    # b first (gap 0.6 - 0.75 = -0.15), then a (0.9 - 0.85 = +0.05); no local column (no such method)
+    assert rows == ["| b | 0.500 | 0.600 | 0.750 | 0.600 | -0.150 |", "| a | 0.800 | 0.900 | 0.850 | 0.600 | +0.050 |"]
+    assert "fedfew_ft is more than 0.02 below ditto on 1 of 2 sites (b; 100 % of its summed per-site shortfall) and more than 0.02 above on 1." in out

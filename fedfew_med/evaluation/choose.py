@@ -82,24 +82,35 @@ class Choice:
 
 
 def run_config(run_dir: Path) -> FederationConfig:
-    """The resolved config a run directory was written with."""
+    """The resolved config a run directory was written with.
+
+    Raises
+    ------
+    FileNotFoundError
+        The directory has no ``config.json`` (the message says how to make a run directory).
+    """
     path = run_dir / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json); make one with "
+                                f"`fedfew-med simulate CONFIG -o {run_dir}`")
     return federation_from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's ``summary.json``, or an empty dict when the run never wrote one."""
+    path = run_dir / "summary.json"
+    return dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
 
 
 def _shapes(params: Params) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in params.items()}
 
 
-def run_dp_ready(run_dir: Path) -> bool | None:
-    """Whether the run's networks are the DP-ready rewrite, as its ``summary.json`` records it.
+def run_dp_ready(summary: Mapping[str, Any]) -> bool | None:
+    """Whether the run's networks are the DP-ready rewrite, as its ``summary.json`` (:func:`read_summary`) records it.
 
     None for a summary written before ``dp_ready`` was recorded that shows no privacy entry.
     """
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if "dp_ready" in summary:
         return bool(summary["dp_ready"])
     return True if summary.get("privacy") else None
@@ -178,7 +189,7 @@ def choose_for_site(run_dir: str | Path, site: SiteData, *, split: str | None = 
         raise ConfigError(f"{run_dir}: {config.algorithm.name} keeps no shared models (only site-local ones): "
                           "a site that did not train has nothing to choose from")
     facts = ModelFacts.common([site])
-    prepare = site_preparer(config, facts, models[0], run_dp_ready(run_dir))
+    prepare = site_preparer(config, facts, models[0], run_dp_ready(read_summary(run_dir)))
     algorithm, _ = make_algorithm(config, facts, prepare)
     chosen_split = str(split or getattr(getattr(algorithm, "options", None), "selection_split", "train"))
     if site.size(chosen_split) == 0:  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ from fedfew_med.data.transforms import IMAGE
 from fedfew_med.data.validate import check_image
 from fedfew_med.deployment import chooser, load_released
 from fedfew_med.dp.federation import site_privacy_options
-from fedfew_med.evaluation.choose import read_choice, run_config, run_dp_ready, site_preparer
+from fedfew_med.evaluation.choose import read_choice, read_summary, run_config, run_dp_ready, site_preparer
 from fedfew_med.runtime import ModelFacts, local_runtimes, make_algorithm
 from fedfew_med.site_config import SiteConfig, load_site_config
 from fedfew_med.training import SiteState
@@ -88,13 +88,14 @@ def served_model(run_dir: str | Path, site: SiteData) -> Served:
         raise checkpoint.CheckpointError(f"{run_dir}: the latest checkpoint was made with a different config than config.json")
     facts = ModelFacts.common([site])
     choice = read_choice(run_dir, site.name)
-    trained = site.name in ckpt.sites or site.name in json.loads((run_dir / "summary.json").read_text()).get("per_site", {})
+    summary = read_summary(run_dir)
+    trained = site.name in ckpt.sites or site.name in summary.get("per_site", {})
     if choice is None and not trained:
         raise ConfigError(f"site {site.name} did not train in {run_dir} and has chosen no model: run "
                           f"`fedfew-med choose-model {run_dir} --site-config <its site file>` first")
     state = ckpt.sites.get(site.name, SiteState())
     reference = ckpt.server_models[0] if ckpt.server_models else next(iter(state.models.values()))
-    prepare = site_preparer(config, facts, reference, run_dp_ready(run_dir))
+    prepare = site_preparer(config, facts, reference, run_dp_ready(summary))
     algorithm, _ = make_algorithm(config, facts, prepare)
     runtime = local_runtimes(config, [site], algorithm, prepare=prepare)[site.name]
     work = runtime.work(ckpt.round, state.copy())

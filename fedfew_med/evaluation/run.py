@@ -27,10 +27,11 @@ import torch
 
 from fedfew_med import checkpoint
 from fedfew_med.algorithms import Algorithm, Deployment, Params
-from fedfew_med.config import FederationConfig, federation_from_dict
+from fedfew_med.config import FederationConfig
 from fedfew_med.data import SiteData, build_sites
 from fedfew_med.deployment import chooser, load_released
 from fedfew_med.dp.federation import network_preparer, private_sites
+from fedfew_med.evaluation.choose import read_summary, run_config
 from fedfew_med.evaluation.geometry import grid_spacing
 from fedfew_med.evaluation.report import Deployed, SiteReport, explain
 from fedfew_med.evaluation.stats import (
@@ -294,19 +295,14 @@ def load_run(run_dir: str | Path) -> Run:
         When the checkpoint was made with a different config than ``config.json``.
     """
     path = Path(run_dir)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path}: not a run directory (no config.json); make one with `fedfew-med simulate CONFIG -o {path}`")
-    config = federation_from_dict(json.loads(config_path.read_text(encoding="utf-8")), source=str(config_path))
+    config = run_config(path)
     ckpt = checkpoint.load(path)
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no completed round to evaluate (checkpoints/LATEST is missing)")
     if ckpt.state.get("config_digest") != config.digest():
-        raise ValueError(f"{path}: the latest checkpoint was made with a different config than {config_path.name}")
+        raise ValueError(f"{path}: the latest checkpoint was made with a different config than config.json")
     records = [r for r in read_records(path / "metrics.jsonl") if r.get("round", -1) <= ckpt.round]
-    summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    return Run(path, config, records, summary, ckpt, build_sites(config.data, source=str(config_path)))
+    return Run(path, config, records, read_summary(path), ckpt, build_sites(config.data, source=config.source))
 
 
 def load_runs(run_dirs: Mapping[str, str | Path], *, skip_missing: bool = True) -> dict[str, Run]:

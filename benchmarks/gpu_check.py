@@ -5,7 +5,7 @@ Run by ``benchmarks/gpu_check.sh`` on a machine with a CUDA GPU (about 5 minutes
 
 - for the synthetic segmentation federation and Br35H (when ``data/br35h`` is there): 2 rounds
   on ``cpu`` and on ``cuda`` at fp32 (test mean of each and their difference; seconds per round),
-  and on ``cuda`` at ``bf16`` (difference to fp32);
+  and on ``cuda`` at ``bf16``, in the default memory layout and with ``channels_last`` (difference to fp32);
 - FedFew K = 3 round time on ``cuda``: K sequential passes / ``one_pass``, and / FedAvg.
 
 ``--allow-cpu`` runs the same code with ``cuda`` replaced by ``cpu`` (a smoke test of this
@@ -39,16 +39,18 @@ FEDERATIONS = {
 }
 
 
-def rounds_on(name: str, device: str, precision: str, rounds: int) -> dict[str, Any]:
-    """``rounds`` rounds of federation ``name`` on ``device`` at ``precision``: test mean and seconds per round."""
+def rounds_on(name: str, device: str, precision: str, rounds: int, channels_last: bool = False) -> dict[str, Any]:
+    """``rounds`` rounds of federation ``name`` on ``device`` at ``precision`` (and memory layout): test mean, s/round."""
     source, overrides = FEDERATIONS[name]
     cfg = load_federation(source, [*overrides, f"run.rounds={rounds}", f"run.eval_every={rounds}",
-                                   f"training.device='{device}'", f"training.precision='{precision}'"])
+                                   f"training.device='{device}'", f"training.precision='{precision}'",
+                                   f"training.channels_last={str(channels_last).lower()}"])
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         result = run(cfg, run_dir=Path(tmp) / "r")
         seconds = time.perf_counter() - t
-    return {"device": result.summary["compute"]["device"], "precision": precision, "mean": result.summary["summary"]["mean"],
+    return {"device": result.summary["compute"]["device"], "precision": precision + (" channels_last" if channels_last else ""),
+            "mean": result.summary["summary"]["mean"],
             "worst": result.summary["summary"]["worst"], "seconds_per_round": seconds / rounds}
 
 
@@ -97,6 +99,7 @@ def main() -> int:
             "cpu-32": rounds_on(name, "cpu", "32", args.rounds),
             "gpu-32": rounds_on(name, gpu, "32", args.rounds),
             "gpu-bf16": rounds_on(name, gpu, "bf16", args.rounds),
+            "gpu-bf16-channels-last": rounds_on(name, gpu, "bf16", args.rounds, channels_last=True),
         }
         print(json.dumps({name: res["federations"][name]}), flush=True)
     res["one_pass"] = one_pass_speedup(gpu, rounds=3)

@@ -154,3 +154,12 @@ def test_gpu_bf16_trains(tmp_path):
     result = run(_config(device="cuda", precision="bf16"), run_dir=tmp_path / "r")
     assert result.summary["compute"]["device"].startswith("cuda")
     assert all(torch.isfinite(t).all() for m in result.models for t in m.values())
+
+
+@gpu
+def test_gpu_channels_last_matches_the_default_layout(tmp_path):
+    default = run(_config(device="cuda"), run_dir=tmp_path / "a")
+    fast = run(_config(device="cuda", channels_last=True), run_dir=tmp_path / "b")
+    for a, b in zip(default.models, fast.models, strict=True):
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], atol=1e-3, rtol=1e-3)

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import FEDFEW_ROWS, RESULTS, best_baseline  # noqa: E402  (the same choice as each data set's own summary)
 
 
-def _full_runs(results: Path) -> list[dict]:
+def full_runs(results: Path) -> list[dict]:
+    """Every result file that compares methods (smoke runs and partial runs of a few methods left out)."""
     out = []
     for path in sorted(results.glob("quality_*.json")):
         if path.stem.endswith("_quick"):
@@ -59,7 +60,7 @@ def protocol2_rows(results: Path) -> list[str]:
             "≥ FedAvg − 1 pt? (default / ft) | seeds | "
             "rounds rule (FedAvg R → 2R) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for res in _full_runs(results):
+    for res in full_runs(results):
         methods, comp = res["methods"], res.get("comparison", {})
         if res.get("protocol") != 2 or not comp:
             continue
@@ -78,7 +79,7 @@ def protocol2_rows(results: Path) -> list[str]:
 def quality_rows(results: Path) -> list[str]:
     rows = ["", "Earlier protocol (FedFew = the reference preset tuned on μ only; not yet regenerated):", "", "| data set | metric | FedFew K=3 (selected) mean ± std / worst | best baseline (selected) mean ± std / worst | "
             "FedFew wins? | seeds | configurations |", "|---|---|---|---|---|---|---|"]
-    for res in _full_runs(results):
+    for res in full_runs(results):
         methods = res["methods"]
         if res.get("protocol") == 2 or "fedfew K=3" not in methods:
             continue

@@ -12,12 +12,15 @@ per-seed values the result files keep. Writes ``benchmarks/results/per_site.md``
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-FEDFEW = ("fedfew K=3", "fedfew_ft K=3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from headline import full_runs  # noqa: E402
+from quality import FEDFEW_ROWS as FEDFEW  # noqa: E402
+from quality import RESULTS  # noqa: E402
+
 CONTEXT = ("local", "fedavg")
 GAP = 0.02  # a site this far below the best baseline is listed in the summary line
 
@@ -54,16 +57,10 @@ def table(res: dict) -> list[str]:
 
 
 def full_results(results: Path) -> list[dict]:
-    """Protocol-2 result files with every FedFew row and a best baseline (smoke runs left out)."""
-    out = []
-    for path in sorted(results.glob("quality_*.json")):
-        if path.stem.endswith("_quick"):
-            continue
-        res = json.loads(path.read_text())
-        if res.get("protocol") == 2 and not res.get("quick") and all(m in res["methods"] for m in FEDFEW) \
-                and "best_baseline" in res.get("comparison", {}):
-            out.append(res)
-    return out
+    """Protocol-2 result files (:func:`headline.full_runs`) with every FedFew row and a best baseline."""
+    return [res for res in full_runs(results)
+            if res.get("protocol") == 2 and not res.get("quick") and all(m in res["methods"] for m in FEDFEW)
+            and "best_baseline" in res.get("comparison", {})]
 
 
 def main() -> None:

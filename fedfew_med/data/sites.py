@@ -38,7 +38,7 @@ from fedfew_med.data.patches import GridPatches, RandomPatches
 from fedfew_med.data.readers import ReaderSet
 from fedfew_med.data.sources import Item, feature_names
 from fedfew_med.data.synthetic import TensorDictDataset
-from fedfew_med.data.tables import Problem, feature_mismatch
+from fedfew_med.data.tables import feature_mismatch
 from fedfew_med.data.transforms import augmentation_seed, build_pipeline, impute_features, scale_features
 from fedfew_med.data.validate import Inspection, ValidationReport, inspect_site
 from fedfew_med.site_config import SiteConfig, SiteConfigError, load_site_config
@@ -94,32 +94,6 @@ def _tabular_splits(
         for name, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test))
     }
     return datasets, {"feature_scaling": pre.intensity, **stats, **extra}
-
-
-def _train_values_problems(cfg: SiteConfig, inspection: Inspection) -> Inspection:
-    """``inspection`` plus the columns imputation cannot fill: those without a value in the train split.
-
-    Imputation learns from the train split only, so a column whose values are all in val or
-    test rows is refused (a column empty everywhere is already reported by the listing).
-    """
-    train = inspection.splits.get("train", [])
-    if cfg.site.task != "tabular" or cfg.preprocessing.missing == "refuse" or not train:
-        return inspection
-    everywhere = np.stack([i["image"] for s in inspection.splits.values() for i in s])  # (N, F)
-    in_train = np.stack([i["image"] for i in train])
-    gone = np.isnan(in_train).all(axis=0) & ~np.isnan(everywhere).all(axis=0)
-    if not gone.any():
-        return inspection
-    names = feature_names(cfg) or []
-    columns = ", ".join(repr(names[j]) if j < len(names) else f"#{j}" for j in np.flatnonzero(gone))
-    shown = cfg.display(cfg.paths.csv) if cfg.paths.csv is not None else cfg.file
-    problem = Problem(
-        shown,
-        f"column(s) {columns} have no value in the train split, so [preprocessing].missing cannot impute "
-        "them (imputation learns from the train split only, never from val or test rows)",
-    )
-    report = dataclasses.replace(inspection.report, problems=[*inspection.report.problems, problem])
-    return dataclasses.replace(inspection, report=report)
 
 
 def _image_splits(
@@ -203,7 +177,7 @@ def load_site(path: str | Path) -> SiteData:
         When the data has any problem :func:`~fedfew_med.data.validate.validate_site` reports.
     """
     cfg = load_site_config(path)
-    return build_site(cfg, _train_values_problems(cfg, inspect_site(cfg)))
+    return build_site(cfg, inspect_site(cfg))
 
 
 def _agree(what: str, values: list[Any], files: list[str]) -> None:
@@ -271,7 +245,7 @@ def _align_features(
             cfg = dataclasses.replace(
                 cfg, source=dataclasses.replace(cfg.source, feature_columns=tuple(order))
             )
-            inspection = _train_values_problems(cfg, inspect_site(cfg))  # the same rows, columns by name
+            inspection = inspect_site(cfg)  # the same rows, columns by name
             if not inspection.report.ok:  # the same cells in another order: cannot fail where it passed
                 raise SiteValidationError([inspection.report])
         out_configs.append(cfg)
@@ -313,7 +287,7 @@ def load_sites(files: Sequence[str], base_dir: Path, progress: Progress | None =
     steps = 2 * len(configs)
     inspections = []
     for i, cfg in enumerate(configs):
-        inspections.append(_train_values_problems(cfg, inspect_site(cfg)))
+        inspections.append(inspect_site(cfg))
         if progress:
             progress(f"{cfg.site.name}: files checked", i + 1, steps)
     failed = [i.report for i in inspections if not i.report.ok]

@@ -43,7 +43,7 @@ import torch
 from monai.data import MetaTensor
 
 from fedfew_med.data.readers import ReaderSet, RefusedVolume, read_image, spacing_of
-from fedfew_med.data.sources import Item, Listing, list_items
+from fedfew_med.data.sources import Item, Listing, feature_names, list_items
 from fedfew_med.data.splits import SPLITS, split_by_column, stratified_split
 from fedfew_med.data.tables import Problem
 from fedfew_med.data.transforms import orientation
@@ -364,9 +364,34 @@ def inspect_site(cfg: SiteConfig) -> Inspection:
     splits, how = _split(cfg, usable)
     if usable and not splits["train"]:
         problems.append(Problem(cfg.file, "the train split is empty"))
+    problems += _train_values_problems(cfg, splits)
     summary = _summary(cfg, splits, checked, how, in_channels)
     report = ValidationReport(site=cfg.site.name, file=cfg.file, problems=problems, summary=summary)
     return Inspection(report=report, splits=splits, in_channels=in_channels)
+
+
+def _train_values_problems(cfg: SiteConfig, splits: dict[str, list[Item]]) -> list[Problem]:
+    """The feature columns imputation cannot fill: those with values in val or test rows only.
+
+    Imputation learns from the train split alone, so such a column is refused (a column empty
+    everywhere is already reported by the listing).
+    """
+    train = splits.get("train", [])
+    if cfg.site.task != "tabular" or cfg.preprocessing.missing == "refuse" or not train:
+        return []
+    everywhere = np.stack([i["image"] for s in splits.values() for i in s])  # (N, F)
+    in_train = np.stack([i["image"] for i in train])  # (N_train, F)
+    gone = np.isnan(in_train).all(axis=0) & ~np.isnan(everywhere).all(axis=0)
+    if not gone.any():
+        return []
+    names = feature_names(cfg) or []
+    columns = ", ".join(repr(names[j]) if j < len(names) else f"#{j}" for j in np.flatnonzero(gone))
+    shown = cfg.display(cfg.paths.csv) if cfg.paths.csv is not None else cfg.file
+    return [Problem(
+        shown,
+        f"column(s) {columns} have no value in the train split, so [preprocessing].missing cannot impute "
+        "them (imputation learns from the train split only, never from val or test rows)",
+    )]
 
 
 def _summary(

@@ -266,6 +266,11 @@ def test_a_column_without_train_values_cannot_be_imputed(tmp_path: Path) -> None
         if row["split"] == "train":
             row["grade"] = ""
     kit.write_csv(tmp_path / "site0.csv", rows)
+    message = (
+        "column(s) 'grade' have no value in the train split, so [preprocessing].missing cannot impute them "
+        "(imputation learns from the train split only, never from val or test rows)"
+    )
+    assert [(p.file, p.message) for p in validate_site(toml).problems] == [("site0.csv", message)]  # as load_site
     with pytest.raises(
         SiteValidationError, match=r"site0.csv: column\(s\) 'grade' have no value in the train split"
     ):

@@ -195,13 +195,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     model = result.rows[0]["model"] if result.rows else "-"
-    print(f"{len(result.rows)} image(s) predicted with {model}: {result.table}")
+    print(f"{len(result.rows)} {result.unit}(s) predicted with {model}: {result.table}")
     if result.written:
         print(f"{len(result.written)} mask(s) written to {Path(args.output)}")
     scored = [r for r in result.rows if "correct" in r or "dice" in r]
     if scored:  # the input gave labels: scored as acquired
         if "correct" in scored[0]:
-            print(f"accuracy on the {len(scored)} labelled image(s): {sum(r['correct'] for r in scored) / len(scored):.3f}")
+            print(f"accuracy on the {len(scored)} labelled {result.unit}(s): {sum(r['correct'] for r in scored) / len(scored):.3f}")
         else:
             hd = [r["hd95_mm"] for r in scored if r["hd95_mm"] == r["hd95_mm"]]
             print(f"on the {len(scored)} labelled image(s), on their own grid: mean Dice "
@@ -342,19 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser(
         "predict",
-        help="run a site's deployed model on new images",
+        help="run a site's deployed model on new images (or a tabular site's new rows)",
         description="The site's model (as the run deploys it, or as the site chose with choose-model) on images "
         "it has never seen: a file, a folder, a DICOM series folder, or a CSV / datalist without labels, through "
         "the site's own preprocessing. Classification: predictions.csv with the class names, probabilities and "
         "the model. Segmentation: <name>_seg.nii.gz on the source's voxel grid with its affine, listed in "
-        "predictions.csv. Images validate-site would refuse are skipped and listed (exit code 1).",
+        "predictions.csv. A tabular site reads a CSV of rows with its feature columns (by name). Images or rows "
+        "validate-site would refuse are skipped and listed (exit code 1).",
         epilog="example: fedfew-med predict runs/demo --site-config data/br35h/site0.toml "
         "--input new_scans/ --output predictions/site0",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pred.add_argument("run_dir", help="a finished run directory")
     pred.add_argument("--site-config", required=True, help="the site's config (TOML)")
-    pred.add_argument("--input", required=True, help="an image, a folder, a DICOM series folder, a CSV or a datalist")
+    pred.add_argument("--input", required=True, help="an image, a folder, a DICOM series folder, a CSV or a datalist; "
+                      "a tabular site: a CSV of rows")
     pred.add_argument("--output", "-o", required=True, help="folder for predictions.csv and masks")
     pred.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pred.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")

@@ -118,6 +118,7 @@ def summarize_run(
     evaluation: Mapping[str, Mapping[str, Any]],
     models: Sequence[Params] | None = None,
     dp_ready: bool = False,
+    features: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The final summary: per-site deployed metrics, mean / worst / Jain, model use, traffic, compute.
 
@@ -128,6 +129,9 @@ def summarize_run(
     ``compute`` records ``[training].precision`` and the device each site computed on, as the
     site resolved ``[training].device`` (its evaluation entry's ``device``): one name when all
     agree, else ``site: device`` pairs.
+
+    ``features``: a tabular federation's feature columns in the order its models read them,
+    recorded so that ``predict`` and ``choose-model`` read a site's columns in that order.
 
     ``sites`` maps every site to ``{"n_train": int, "protocol": str | None}``. With the final
     server ``models`` (K ≥ 2), ``model_use`` says how many distinct models the sites deploy,
@@ -165,6 +169,7 @@ def summarize_run(
         "config_digest": config.digest(),
         "compute": {"device": _devices(evaluation), "precision": config.training.precision},
         "dp_ready": dp_ready,
+        **({"features": list(features)} if features else {}),
     }
     if models is not None and num_models >= 2:
         out["model_use"] = model_use(models, evaluation, records)

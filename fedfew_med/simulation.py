@@ -378,6 +378,7 @@ def summarize_run(fed: Federation, records: Sequence[dict[str, Any]], evaluation
         evaluation=evaluation,
         models=fed.models,
         dp_ready=fed.dp_ready,
+        features=next(iter(fed.sites.values())).data.metadata.get("features", ()),  # every site's, aligned by name
     )
 
 

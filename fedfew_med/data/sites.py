@@ -166,18 +166,42 @@ def build_site(cfg: SiteConfig, inspection: Inspection) -> SiteData:
     )
 
 
-def load_site(path: str | Path) -> SiteData:
+def load_site(path: str | Path, *, feature_order: Sequence[str] | None = None) -> SiteData:
     """Load one site from its site file.
+
+    ``feature_order`` (a tabular site joining a trained federation): the federation's feature
+    columns; the site's are matched to them by name (:func:`in_feature_order`).
 
     Raises
     ------
     ConfigError
-        When the site file is invalid.
+        When the site file is invalid, or its feature columns are not ``feature_order``'s.
     SiteValidationError
         When the data has any problem :func:`~fedfew_med.data.validate.validate_site` reports.
     """
     cfg = load_site_config(path)
+    if feature_order is not None and cfg.site.task == "tabular":
+        why = feature_order_problem(cfg, feature_order)
+        if why is not None:
+            raise ConfigError(f"{path}: {why}; the federation's features are {', '.join(repr(c) for c in feature_order)} "
+                              "(matched by name; list the shared ones in [source].feature_columns)")
+        cfg = in_feature_order(cfg, feature_order)
     return build_site(cfg, inspect_site(cfg))
+
+
+def feature_order_problem(cfg: SiteConfig, order: Sequence[str]) -> str | None:
+    """How a tabular site's feature columns differ from ``order`` as a set (``None``: the same names)."""
+    why = feature_mismatch(sorted(feature_names(cfg) or []), sorted(order))
+    if why is None:
+        return None
+    return f"{cfg.display(cfg.paths.csv) if cfg.paths.csv is not None else '?'} {why}"
+
+
+def in_feature_order(cfg: SiteConfig, order: Sequence[str]) -> SiteConfig:
+    """``cfg`` reading its features in ``order`` (its columns must be those names): unchanged when it already does."""
+    if (feature_names(cfg) or []) == list(order):
+        return cfg  # its features, and every result computed from them, stay as they were
+    return dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, feature_columns=tuple(order)))
 
 
 def _agree(what: str, values: list[Any], files: list[str]) -> None:
@@ -223,11 +247,10 @@ def _align_features(
     names = [feature_names(cfg) or [] for cfg in configs]  # validated: every header was readable
     order = names[0]
     wrong = []
-    for cfg, file, have in zip(configs[1:], files[1:], names[1:], strict=True):
-        why = feature_mismatch(sorted(have), sorted(order))
+    for cfg, file in zip(configs[1:], files[1:], strict=True):
+        why = feature_order_problem(cfg, order)
         if why is not None:
-            csv = cfg.display(cfg.paths.csv) if cfg.paths.csv is not None else "?"
-            wrong.append(f"{cfg.site.name} ({file}): {csv} {why}")
+            wrong.append(f"{cfg.site.name} ({file}): {why}")
     if wrong:
         first = configs[0]
         raise ConfigError(
@@ -242,9 +265,7 @@ def _align_features(
             logger.info(
                 "site %s: features reordered by name to the federation's order %s", cfg.site.name, order
             )
-            cfg = dataclasses.replace(
-                cfg, source=dataclasses.replace(cfg.source, feature_columns=tuple(order))
-            )
+            cfg = in_feature_order(cfg, order)
             inspection = inspect_site(cfg)  # the same rows, columns by name
             if not inspection.report.ok:  # the same cells in another order: cannot fail where it passed
                 raise SiteValidationError([inspection.report])

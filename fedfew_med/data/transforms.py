@@ -220,3 +220,32 @@ def scale_features(
     span = np.where(span > 0, span, 1.0)  # constant features: avoid 0/0
     scaled = [((a.astype(np.float64) - shift) / span).astype(np.float32) for a in (train, *others)]
     return scaled[0], scaled[1:], {"shift": shift.tolist(), "scale": span.tolist()}
+
+
+def apply_feature_statistics(x: np.ndarray, stats: Mapping[str, Any]) -> np.ndarray:
+    """New tabular rows (N, F) through a site's preprocessing, with the statistics its train split gave.
+
+    ``stats`` is the site's metadata (:func:`fedfew_med.data.sites.build_site`): ``imputed_with``
+    fills NaN cells when the site imputes (as :func:`impute_features`), then ``shift`` and ``scale``
+    are applied as :func:`scale_features` applied them. The arithmetic follows both step by step,
+    so a site's own rows come out bit for bit as in training.
+
+    Raises
+    ------
+    ValueError
+        When a cell is NaN and the site does not impute, or ``x`` has another feature count.
+    """
+    wide = np.asarray(x, dtype=np.float64)
+    width = len(stats.get("features") or []) or wide.shape[1]
+    if wide.ndim != 2 or wide.shape[1] != width:
+        raise ValueError(f"expected rows of {width} features, got shape {tuple(wide.shape)}")
+    fill = stats.get("imputed_with")
+    if fill is not None:
+        wide = np.where(np.isnan(wide), np.asarray(fill, dtype=np.float64), wide)
+    elif np.isnan(wide).any():
+        raise ValueError("a feature is missing and the site does not impute ([preprocessing].missing = 'refuse')")
+    out = wide.astype(np.float32)
+    if "shift" in stats:
+        shift, span = np.asarray(stats["shift"], dtype=np.float64), np.asarray(stats["scale"], dtype=np.float64)
+        out = ((out.astype(np.float64) - shift) / span).astype(np.float32)
+    return out

@@ -174,7 +174,8 @@ def choose_model(run_dir: str | Path, site_config: str | Path, *, split: str | N
     fedfew_med.checkpoint.CheckpointError
         ``models.safetensors`` is missing or differs from the digest ``summary.json`` recorded.
     """
-    return choose_for_site(run_dir, load_site(site_config), split=split, score_test=score_test,
+    site = load_site(site_config, feature_order=read_summary(Path(run_dir)).get("features"))  # tabular: the run's column order
+    return choose_for_site(run_dir, site, split=split, score_test=score_test,
                            shown=str(site_config))
 
 

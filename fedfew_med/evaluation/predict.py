@@ -6,6 +6,7 @@ did not train, the one it picked with ``choose-model`` (``RUN_DIR/choices/<site>
 What it reads: a file, a folder (every image in it; a folder of ``.dcm`` files is one DICOM
 series), a CSV with the site's image column, or an MSD-style datalist (JSON), through the
 site's own preprocessing (the deterministic part of training's pipeline, :mod:`fedfew_med.data.transforms`).
+A tabular site reads a CSV of rows with its feature columns (:mod:`fedfew_med.evaluation.predict_rows`).
 
 Classification writes ``predictions.csv``: one row per image with the class *name*, the class
 probabilities and the model used. Segmentation runs MONAI's ``sliding_window_inference`` when
@@ -42,6 +43,7 @@ from fedfew_med.data.validate import check_image
 from fedfew_med.deployment import chooser, load_released
 from fedfew_med.dp.federation import site_privacy_options
 from fedfew_med.evaluation.choose import read_choice, read_summary, run_config, run_dp_ready, site_preparer
+from fedfew_med.evaluation.predict_rows import predict_rows
 from fedfew_med.runtime import ModelFacts, local_runtimes, make_algorithm
 from fedfew_med.site_config import SiteConfig, load_site_config
 from fedfew_med.training import SiteState
@@ -67,6 +69,7 @@ class Prediction:
     written: list[Path] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (input, why)
+    unit: str = "image"  # what a row of predictions.csv is: an image, or a tabular site's CSV row
 
 
 def served_model(run_dir: str | Path, site: SiteData) -> Served:
@@ -173,19 +176,23 @@ def predict(run_dir: str | Path, site_config: str | Path, inputs: str | Path, ou
         The site's TOML file: its data decide the deployment (as in the run) and its
         ``[preprocessing]`` and ``[labels]`` are applied to the inputs.
     inputs
-        See :func:`list_inputs`.
+        See :func:`list_inputs`; for a tabular site, a CSV of rows (:func:`~fedfew_med.evaluation.predict_rows.predict_rows`).
     output
         Folder for ``predictions.csv`` (and the segmentation masks).
     on_image
         Called with (done, total, input) after each image, for a progress bar.
     """
     cfg = load_site_config(site_config)
-    if cfg.site.task == "tabular":
-        raise ConfigError(f"{site_config}: predict reads images; a tabular site's rows are not supported yet")
-    site = load_site(site_config)
+    site = load_site(site_config, feature_order=read_summary(Path(run_dir)).get("features"))  # tabular: the run's order
     served = served_model(run_dir, site)
-    items = list_inputs(inputs, cfg)
     out_dir = Path(output)
+    if cfg.site.task == "tabular":
+        rows = predict_rows(cfg, site, served.network, served.how, inputs, on_row=on_image)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = Prediction(table=out_dir / "predictions.csv", rows=rows.rows, skipped=rows.skipped, unit="row")
+        _write_table(result.table, result.rows)
+        return result
+    items = list_inputs(inputs, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = Prediction(table=out_dir / "predictions.csv")
     pipeline = image_pipeline(cfg)
@@ -252,9 +259,12 @@ def predict_new_scan(run_dir: str | Path, site: SiteData, output: str | Path) ->
     """``predict`` on the first scan of ``site``'s test split (never trained on, as a new patient's would be).
 
     Returns the prediction, or a sentence saying why there is none (the site is not read from
-    site files, as in the synthetic federation, or the scan was skipped).
+    site files, as in the synthetic federation, is tabular, or the scan was skipped).
     """
     site_file = site.metadata.get("site_file")
+    if site.task == "tabular":
+        return (f"{site.name}: a tabular site has rows, not scans: `fedfew-med predict RUN_DIR --site-config {site_file} "
+                "--input new_rows.csv --output OUT` scores new rows")
     found = stored_records(site, "test") if site_file else None
     if not site_file or not found or not found[0]:
         return f"{site.name}: its data are not read from a site file (synthetic data), so there is no scan to predict on"

@@ -348,6 +348,7 @@ class Coordinator:
             evaluation=evaluation,
             models=server.models,
             dp_ready=bool(self.privacy.dp_ready),
+            features=next((c.features for _, c in sorted(self.roster.items()) if c.features), ()),  # admitted: all equal
         )
         summary["finished"] = completed >= cfg.run.rounds
         summary["run_key"] = self.run_key

@@ -9,6 +9,7 @@ features.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,8 @@ def test_a_site_with_other_columns_is_refused(
     with caplog.at_level("ERROR", logger="fedfew_med"):
         result = coordinator.run()
     assert coordinator.roster["hospital-a"].features == tuple(ORDER)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["features"] == ORDER  # the order predict and choose-model read a site's columns in
     if accepted:
         assert coordinator.rejected == set() and result.records[0]["participants"] == [
             "hospital-a",

@@ -1,7 +1,7 @@
 """Evaluation metrics, from scikit-learn and MONAI, plus the fairness summary.
 
 Classification metrics take class probabilities (N, C) and integer targets (N,);
-segmentation metrics take predicted and reference masks (N, 1, *spatial).
+segmentation metrics take predicted and reference masks (N, 1, *spatial), or one mask per case.
 """
 
 from __future__ import annotations
@@ -115,13 +115,30 @@ def result_flags(metrics: Mapping[str, float]) -> list[str]:
     return flags
 
 
-def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                         spacing: Sequence[float] | None = None) -> dict[str, float]:
+def segmentation_metrics(pred: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor | Sequence[torch.Tensor],
+                         num_classes: int, spacing: Sequence[float] | None = None) -> dict[str, float]:
     """Mean foreground Dice and 95% Hausdorff distance (MONAI), over cases with a reference object.
 
-    Cases where both masks are empty count as Dice 1 (correctly found nothing). HD95 is in
-    voxels, or in mm when ``spacing`` (mm per spatial axis, shared by the cases) is given.
+    ``pred`` and ``target`` are (N, 1, *spatial) masks, or sequences of (1, *spatial_i) masks
+    (cases of different sizes: whole volumes put back together from their patches), scored one
+    by one and averaged as if stacked. Cases where both masks are empty count as Dice 1
+    (correctly found nothing). HD95 is in voxels, or in mm when ``spacing`` (mm per spatial
+    axis, shared by the cases) is given; it is the mean over the (case, class) pairs where both
+    masks hold the class.
     """
+    if isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor):
+        dice, hd = _case_scores(pred, target, num_classes, spacing)
+    else:
+        pairs = [_case_scores(p[None], t[None], num_classes, spacing) for p, t in zip(pred, target, strict=True)]
+        dice, hd = torch.cat([d for d, _ in pairs]), torch.cat([h for _, h in pairs])
+    defined = ~torch.isnan(hd)
+    hd95 = float(hd[defined].mean()) if defined.any() else float("nan")
+    return {"dice": float(torch.nanmean(dice)), "hd95": hd95}
+
+
+def _case_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                 spacing: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice and HD95 per case and foreground class, both (N, C-1); HD95 NaN where either mask lacks the class."""
     p = one_hot(pred.long(), num_classes)
     t = one_hot(target.long(), num_classes)
     dice = compute_dice(p, t, include_background=False, ignore_empty=False)  # (N, C-1)
@@ -130,13 +147,13 @@ def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor, num_classes: 
     has_ref = t[:, 1:].flatten(2).sum(-1) > 0
     has_pred = p[:, 1:].flatten(2).sum(-1) > 0
     hd_cases = has_ref & has_pred
-    hd95 = float("nan")
+    hd = torch.full(hd_cases.shape, float("nan"), dtype=torch.float64)
     rows = hd_cases.any(dim=1)  # HD is undefined where either mask is empty: leave those cases out
     if rows.any():
-        hd = compute_hausdorff_distance(p[rows], t[rows], include_background=False, percentile=95,
-                                        spacing=None if spacing is None else [float(s) for s in spacing])
-        hd95 = float(hd[hd_cases[rows]].mean())
-    return {"dice": float(torch.nanmean(dice)), "hd95": hd95}
+        d = compute_hausdorff_distance(p[rows], t[rows], include_background=False, percentile=95,
+                                       spacing=None if spacing is None else [float(s) for s in spacing])
+        hd[rows] = torch.where(hd_cases[rows], d.double(), hd[rows])
+    return dice, hd
 
 
 def jain_index(values: Sequence[float]) -> float:

@@ -32,6 +32,7 @@ from fedfew_med.algorithms import (
 from fedfew_med.config import ConfigError, FederationConfig
 from fedfew_med.data import SiteData
 from fedfew_med.data.native import native_metrics
+from fedfew_med.data.patches import GridPatches
 from fedfew_med.deployment import PrivateDeploymentError, chooser
 from fedfew_med.metrics import (
     classification_metrics,
@@ -351,11 +352,20 @@ class SiteRuntime:
 
 
 def score(work: SiteWork, params: Params, slot: str) -> dict[str, float]:
-    """Test-split metrics of ``params`` for the site's task."""
+    """Test-split metrics of ``params`` for the site's task.
+
+    A site that tests on grid patches (it trained on patches) is scored on whole volumes: the
+    patches' class probabilities are put back together (:meth:`~fedfew_med.data.patches.GridPatches.stitch`) before the
+    argmax, so that Dice is a volume's, not the mean over tiles that mostly hold no object.
+    """
     probs, targets = work.predict(params, slot=slot, split="test")
     if work.data.task in ("classification", "tabular"):
         p, t = probs.numpy(), targets.numpy()
         return {**classification_metrics(p, t), **prediction_checks(p, t)}
+    test = work.data.splits["test"]
+    if isinstance(test, GridPatches):
+        volumes = [v.argmax(dim=0, keepdim=True) for v in test.stitch(probs)]  # (1, *spatial) each
+        return segmentation_metrics(volumes, [t.round().long() for t in test.stitch(targets.float())], probs.shape[1])
     return segmentation_metrics(probs.argmax(dim=1, keepdim=True), targets, probs.shape[1])
 
 

@@ -64,6 +64,32 @@ def test_dice_by_hand():
     assert m["hd95"] == pytest.approx(2.0)  # edges two rows apart
 
 
+def _dice(p: np.ndarray, r: np.ndarray) -> float:
+    """Foreground Dice by hand; 1 when both masks are empty."""
+    return 1.0 if not p.any() and not r.any() else 2 * (p & r).sum() / (p.sum() + r.sum())
+
+
+def test_cases_of_different_sizes_are_scored_one_by_one():
+    rng = np.random.default_rng(0)
+    shapes = [(6, 7), (9, 5), (4, 4)]
+    preds = [rng.random(s) > 0.6 for s in shapes]
+    refs = [rng.random(s) > 0.5 for s in shapes]
+    refs[2][:] = False
+    preds[2][:] = False  # both empty: Dice 1, no HD
+    m = segmentation_metrics([torch.from_numpy(p)[None].long() for p in preds],
+                             [torch.from_numpy(r)[None].long() for r in refs], num_classes=2)
+    assert m["dice"] == pytest.approx(np.mean([_dice(p, r) for p, r in zip(preds, refs, strict=True)]))
+    one = [segmentation_metrics(torch.from_numpy(p)[None, None].long(), torch.from_numpy(r)[None, None].long(), 2)["hd95"]
+           for p, r in zip(preds[:2], refs[:2], strict=True)]
+    assert m["hd95"] == pytest.approx(np.mean(one))  # the mean over the cases where HD95 is defined
+    same = [(6, 7)] * 2  # cases of one size: the list and the stacked batch agree
+    stacked = segmentation_metrics(torch.from_numpy(np.stack([preds[0], preds[0]]))[:, None].long(),
+                                   torch.from_numpy(np.stack([refs[0], refs[0]]))[:, None].long(), 2)
+    listed = segmentation_metrics([torch.from_numpy(preds[0])[None].long()] * len(same),
+                                  [torch.from_numpy(refs[0])[None].long()] * len(same), 2)
+    assert stacked == pytest.approx(listed)
+
+
 def test_summarize():
     s = summarize({"a": 0.9, "b": 0.6, "c": float("nan")})
     assert s["mean"] == pytest.approx(0.75) and s["worst"] == 0.6 and s["best"] == 0.9

@@ -84,20 +84,18 @@ def native_scores(mask: np.ndarray, label_path: str, affine: np.ndarray, num_cla
     return {"dice": scores["dice"], "hd95_mm": scores["hd95"]}
 
 
-def stored_records(site: SiteData, split: str = "test") -> tuple[list[dict[str, Any]], list[int]] | None:
-    """A split's stored records (file paths) and, per evaluated case, the index of its record (patches share one).
+def stored_records(site: SiteData, split: str = "test") -> list[dict[str, Any]] | None:
+    """A split's stored records (file paths), one per image (a patch site's tiles share their image's).
 
     None when the split is not built from records (the synthetic federation, in-memory tensors).
     """
     ds: Any = site.splits[split]
-    case_to_record = None
     if isinstance(ds, GridPatches):
-        case_to_record = [i for i, _ in ds.index]
         ds = ds.base
     records = getattr(ds, "data", None)
     if not isinstance(records, Sequence) or not all(isinstance(r, dict) and "image" in r for r in records):
         return None
-    return list(records), case_to_record if case_to_record is not None else list(range(len(records)))
+    return list(records)
 
 
 def native_metrics(network: nn.Module, site: SiteData) -> dict[str, float]:
@@ -109,14 +107,14 @@ def native_metrics(network: nn.Module, site: SiteData) -> dict[str, float]:
     """
     site_file = site.metadata.get("site_file")
     found = stored_records(site) if site.task == "segmentation" and site_file else None
-    if not found or not found[0] or not all(is_nifti(r["image"]) and is_nifti(r.get("label")) for r in found[0]):
+    if not found or not all(is_nifti(r["image"]) and is_nifti(r.get("label")) for r in found):
         return {}
     cfg = load_site_config(site_file)  # type: ignore[arg-type]
     pipeline = image_pipeline(cfg)
     was_training = network.training
     network.eval()
     dice, hd = [], []
-    for rec in found[0]:
+    for rec in found:
         image = pipeline({IMAGE: rec["image"]})[IMAGE]
         mask = segment(network, cfg, pipeline, image)
         scores = native_scores(mask, str(rec["label"]), source_affine(str(rec["image"]), np.eye(4)), site.num_classes)

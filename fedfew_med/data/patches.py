@@ -4,7 +4,9 @@ Training draws ``patches_per_image`` random patches per image and epoch
 (:class:`RandomPatches`: index ``i`` is a fresh draw from image ``i // p``);
 validation and testing tile every image with fixed, non-overlapping patches
 (:class:`GridPatches`; the last patch on an axis is moved back to end at the
-border), so that evaluation sees every voxel and is the same on every run.
+border), so that evaluation sees every voxel and is the same on every run;
+:meth:`GridPatches.stitch` puts the tiles' predictions back into whole images, which
+is what the test metrics score (a Dice over tiles would count every empty tile as found).
 Every index gives one ``{"image", "label"}`` dict, as the default collate expects.
 """
 
@@ -51,13 +53,33 @@ class GridPatches(Dataset[Record]):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.segmentation = segmentation
         self.index: list[tuple[int, tuple[slice, ...]]] = []
+        self.shapes: list[tuple[int, ...]] = []  # each image's spatial shape
         for i in range(len(base)):  # type: ignore[arg-type]
-            spatial = tuple(base[i]["image"].shape[1:])
+            spatial = tuple(int(n) for n in base[i]["image"].shape[1:])
+            self.shapes.append(spatial)
             for box in dense_patch_slices(spatial, self.patch_size, self.patch_size):
                 self.index.append((i, tuple(slice(int(s.start), int(s.stop)) for s in box)))
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def stitch(self, patches: torch.Tensor) -> list[torch.Tensor]:
+        """Values computed on this view's patches, put back together: one tensor per image.
+
+        ``patches`` is (N, C, *patch) in this view's order (N = ``len(self)``); the result is a
+        list of (C, *spatial) float tensors, the mean where tiles overlap (only the last tile on
+        an axis overlaps, moved back to end at the border), so every voxel is covered once or more.
+        Evaluation scores whole images this way, not their tiles.
+        """
+        if len(patches) != len(self.index):
+            raise ValueError(f"expected {len(self.index)} patches (this view's), got {len(patches)}")
+        channels = patches.shape[1]
+        sums = [torch.zeros((channels, *shape), dtype=torch.float64) for shape in self.shapes]
+        counts = [torch.zeros(shape, dtype=torch.float64) for shape in self.shapes]
+        for (i, box), value in zip(self.index, patches, strict=True):
+            sums[i][(slice(None), *box)] += value.double()
+            counts[i][box] += 1
+        return [(total / count).float() for total, count in zip(sums, counts, strict=True)]
 
     def __getitem__(self, index: int) -> Record:
         item_index, box = self.index[index]

@@ -380,7 +380,7 @@ def prepare_volumes3d(
     target_spacing_mm
         The site files' ``[preprocessing].spacing``: the grid the sites meet on.
     patch_size, patches_per_image
-        The site files' patch sampling for training (test volumes are tiled by grid patches).
+        The site files' patch sampling for training (test volumes are predicted tile by tile on grid patches and scored whole).
     rounds
         ``[run].rounds`` of the federation file.
 

@@ -79,10 +79,9 @@ def grid_spacing(site: SiteData) -> GridSpacing:
     site_file = site.metadata.get("site_file")
     if not site_file or site.spatial_dims == 0:
         return GridSpacing(None, "distances are in pixels: these images have no physical voxel size (synthetic data)")
-    found = stored_records(site)
-    if found is None:
+    records = stored_records(site)
+    if records is None:
         return GridSpacing(None, "distances are in pixels: the voxel size of the test images could not be recovered")
-    records, case_to_record = found
     readers = ReaderSet()
     if not records or not all(_physical(r["image"], readers) for r in records):
         return GridSpacing(None, f"distances are in pixels: {site.metadata.get('source', 'these')} images "
@@ -95,7 +94,7 @@ def grid_spacing(site: SiteData) -> GridSpacing:
         if not isinstance(image, MetaTensor):
             return GridSpacing(None, "distances are in pixels: the test images lost their voxel size in preprocessing")
         per_record.append([float(v) for v in image.pixdim][: site.spatial_dims])
-    spacing = np.asarray(per_record, dtype=np.float64)[case_to_record]  # (N cases, D)
+    spacing = np.asarray(per_record, dtype=np.float64)  # (N cases, D): a case is an image (a patch site's put together)
     distinct = np.unique(spacing.round(4), axis=0)
     size = " x ".join(f"{v:.3g}" for v in distinct[0]) + " mm" if len(distinct) == 1 else f"{len(distinct)} different voxel sizes"
     return GridSpacing(spacing, f"distances are in mm on the grid the model sees after preprocessing ({size}; "

@@ -266,9 +266,9 @@ def predict_new_scan(run_dir: str | Path, site: SiteData, output: str | Path) ->
         return (f"{site.name}: a tabular site has rows, not scans: `fedfew-med predict RUN_DIR --site-config {site_file} "
                 "--input new_rows.csv --output OUT` scores new rows")
     found = stored_records(site, "test") if site_file else None
-    if not site_file or not found or not found[0]:
+    if not site_file or not found:
         return f"{site.name}: its data are not read from a site file (synthetic data), so there is no scan to predict on"
-    scan = found[0][0]["image"]
+    scan = found[0]["image"]
     scan = scan[0] if isinstance(scan, list) else str(scan)
     result = predict(run_dir, str(site_file), scan, output)
     if not result.rows:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from fedfew_med import checkpoint
 from fedfew_med.algorithms import Algorithm, Deployment, Params
 from fedfew_med.config import FederationConfig
 from fedfew_med.data import SiteData, build_sites
+from fedfew_med.data.patches import GridPatches
 from fedfew_med.deployment import chooser, load_released
 from fedfew_med.dp.federation import network_preparer, private_sites
 from fedfew_med.evaluation.choose import read_summary, run_config
@@ -262,13 +263,18 @@ class Run:
             statistic = classification_statistic(probs, targets)
             per_case = {"correct": (probs.argmax(axis=1) == targets).astype(np.float64), "confidence": probs.max(axis=1)}
         else:
-            pred = probs_t.argmax(dim=1, keepdim=True)
+            pred: torch.Tensor | list[torch.Tensor] = probs_t.argmax(dim=1, keepdim=True)
+            cases: torch.Tensor | list[torch.Tensor] = targets_t
+            test = data.splits["test"]
+            if isinstance(test, GridPatches):  # whole volumes, as the run scores them (runtime.score)
+                pred, cases, probs_t, targets_t = whole_volumes(test, probs_t, targets_t)
+                probs = probs_t.numpy()
             geometry = grid_spacing(data)
             hd95_note = geometry.note
             with warnings.catch_warnings():  # MONAI's own call of a deprecated argument, not ours
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-                point = segmentation_metrics(pred, targets_t, probs.shape[1])
-                per_case = per_case_segmentation(pred, targets_t, probs.shape[1], spacing=geometry.spacing)
+                point = segmentation_metrics(pred, cases, probs.shape[1])
+                per_case = per_case_segmentation(pred, cases, probs.shape[1], spacing=geometry.spacing)
             flags = result_flags(point)
             if "hd95_mm" in per_case:  # the mean over cases with both masks, as the run's pixel value
                 point["hd95_mm"] = float(np.nanmean(per_case["hd95_mm"])) if np.isfinite(per_case["hd95_mm"]).any() else float("nan")
@@ -277,11 +283,42 @@ class Run:
         metrics = bootstrap(statistic, point, len(probs), n_resamples=n_resamples, level=level, seed=seed)
         images = None
         if data.spatial_dims == 2:  # the unshuffled loader gives the order predict used
-            images = torch.cat([b["image"] for b in data.loader("test", batch_size=256)]).numpy()
+            tiles = torch.cat([b["image"] for b in data.loader("test", batch_size=256)])
+            test = data.splits["test"]
+            images = (pad_stack(test.stitch(tiles)) if isinstance(test, GridPatches) and data.task == "segmentation" else tiles).numpy()
         return SiteReport(site=site, method=self.label, task=data.task, deployed=deployed, probs=probs, targets=targets,
                           images=images, metrics=metrics, per_case=per_case, primary=self.metric,
                           metadata=dict(data.metadata), class_names=self.class_names(site), checks=checks,
                           flags=tuple(flags), seed=seed, hd95_note=hd95_note)
+
+
+def whole_volumes(test: GridPatches, probs: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A patch site's test predictions put back into whole volumes.
+
+    Returns the predicted and reference masks per volume ((1, *spatial_i) each, for the metrics),
+    and the class probabilities (V, C, *S) and reference masks (V, 1, *S) stacked for the report's
+    arrays (:func:`pad_stack`: certain background where a volume is smaller than the largest).
+    """
+    volumes = test.stitch(probs)  # (C, *spatial_i) each
+    refs = [t.round().long() for t in test.stitch(targets.float())]  # (1, *spatial_i)
+    preds = [v.argmax(dim=0, keepdim=True) for v in volumes]
+    return preds, refs, pad_stack(volumes, background=1.0), pad_stack(refs).to(targets.dtype)
+
+
+def pad_stack(tensors: Sequence[torch.Tensor], background: float = 0.0) -> torch.Tensor:
+    """(C, *spatial_i) tensors stacked as (V, C, *S), each padded at the end of every axis to the largest.
+
+    Padding is 0, except channel 0 which is ``background`` (1.0 for class probabilities: certain
+    background). The metrics are computed on the unpadded masks; padding only aligns the arrays.
+    """
+    size = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].ndim)] if tensors else []
+    out = torch.zeros((len(tensors), tensors[0].shape[0] if tensors else 1, *size), dtype=tensors[0].dtype if tensors else torch.float32)
+    out[:, 0] = background
+    for i, t in enumerate(tensors):
+        box: tuple[int | slice, ...] = (i, slice(None), *(slice(0, n) for n in t.shape[1:]))
+        out[box] = t
+    return out
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -23,7 +23,7 @@ pointwise band around the ROC curve.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -321,14 +321,15 @@ def roc_band(
 
 
 # ---------------------------------------------------------------- segmentation
-def per_case_segmentation(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                          spacing: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def per_case_segmentation(pred: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor | Sequence[torch.Tensor],
+                          num_classes: int, spacing: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-case foreground Dice and 95% Hausdorff distance, as in ``segmentation_metrics``.
 
     Parameters
     ----------
     pred, target
-        (N, 1, *spatial) integer masks.
+        (N, 1, *spatial) integer masks, or sequences of (1, *spatial_i) masks (cases of
+        different sizes), scored one by one.
     num_classes
         Classes including background.
     spacing
@@ -344,6 +345,13 @@ def per_case_segmentation(pred: torch.Tensor, target: torch.Tensor, num_classes:
         ``hd95_mm``: (N,) the same distance in the units of ``spacing`` (MONAI's
         ``compute_hausdorff_distance(..., spacing=...)``), only when ``spacing`` is given.
     """
+    if not (isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor)):
+        cases = list(zip(pred, target, strict=True))
+        if spacing is not None and len(spacing) != len(cases):
+            raise ValueError(f"spacing must have one row per case ({len(cases)}), got {len(spacing)}")
+        parts = [per_case_segmentation(p[None], t[None], num_classes, None if spacing is None else spacing[i:i + 1])
+                 for i, (p, t) in enumerate(cases)]
+        return {k: np.concatenate([q[k] for q in parts]) for k in parts[0]} if parts else {"dice": np.zeros(0), "hd95": np.zeros(0)}
     p = one_hot(pred.long(), num_classes)
     t = one_hot(target.long(), num_classes)
     dice = compute_dice(p, t, include_background=False, ignore_empty=False)  # (N, C-1)

@@ -286,10 +286,14 @@ def check_spent(policy: PrivacyPolicy, *, sites: Mapping[str, int], privacy: Map
     return out
 
 
+# (policy rule, key of the recorded transport, what it asks for): the transport rules both checks walk
+TRANSPORT_RULES = (("require_tls", "tls", "TLS"), ("require_authenticated_sites", "node_auth", "authenticated sites"))
+
+
 def check_deployment(policy: PrivacyPolicy, *, tls: bool | None, authenticated: bool | None) -> list[Verdict]:
     """TLS and site authentication; ``None`` for either means no network (an in-process simulation)."""
     out = []
-    for rule, value, words in (("require_tls", tls, "TLS"), ("require_authenticated_sites", authenticated, "authenticated sites")):
+    for (rule, _, words), value in zip(TRANSPORT_RULES, (tls, authenticated), strict=True):
         required = bool(getattr(policy, rule))
         if value is None:
             out.append(Verdict(DEPLOYMENT, rule, None, words if required else "not required", "in-process simulation: no network"))
@@ -314,7 +318,7 @@ def check_recorded_transport(policy: PrivacyPolicy, transport: Mapping[str, Any]
         return check_deployment(policy, tls=None, authenticated=None)
     launches = list(transport.get("launches") or [])
     out = []
-    for rule, key, words in (("require_tls", "tls", "TLS"), ("require_authenticated_sites", "node_auth", "authenticated sites")):
+    for rule, key, words in TRANSPORT_RULES:
         required = bool(getattr(policy, rule))
         value = transport.get(key)
         if value is None:

@@ -35,7 +35,15 @@ from fedfew_med.evaluation.federation import (
 )
 from fedfew_med.evaluation.geometry import GridSpacing, grid_spacing
 from fedfew_med.evaluation.report import Deployed, SiteReport
-from fedfew_med.evaluation.run import Run, UnknownSiteError, compare, load_run, load_runs, site_reports
+from fedfew_med.evaluation.run import (
+    Run,
+    UnknownSiteError,
+    baseline_runs,
+    compare,
+    load_run,
+    load_runs,
+    site_reports,
+)
 from fedfew_med.evaluation.stats import (
     Estimate,
     RocBand,
@@ -62,6 +70,7 @@ __all__ = [
     "SiteReport",
     "Table",
     "UnknownSiteError",
+    "baseline_runs",
     "bootstrap",
     "bootstrap_indices",
     "compare",

@@ -348,6 +348,33 @@ def load_runs(run_dirs: Mapping[str, str | Path], *, skip_missing: bool = True) 
             if not skip_missing or (Path(d) / "config.json").is_file()}
 
 
+def baseline_runs(run: Run, run_dirs: Mapping[str, str | Path]) -> tuple[dict[str, Run], dict[str, str]]:
+    """The runs of ``run_dirs`` that can be set beside ``run``, and why each other one cannot.
+
+    A baseline is comparable when it trained on the same data config (:func:`compare` scores
+    every run on the same test cases); one that does not exist or used other data is left out
+    with the reason, so that a notebook pointed at another federation's baselines says so
+    instead of failing.
+
+    Returns
+    -------
+    kept, skipped
+        Comparable runs by label; a sentence per label left out.
+    """
+    kept: dict[str, Run] = {}
+    skipped: dict[str, str] = {}
+    for label, found in load_runs(run_dirs).items():
+        if found.config.data == run.config.data:
+            kept[label] = found
+        else:
+            skipped[label] = (f"{found.run_dir} trained on other data ({', '.join(found.sites)}) than this run "
+                              f"({', '.join(run.sites)}): its test cases are not this run's")
+    for label, d in run_dirs.items():
+        if label not in kept and label not in skipped:
+            skipped[label] = f"no run at {d} (no config.json)"
+    return kept, skipped
+
+
 def site_reports(runs: Mapping[str, Run], site: str, *, n_resamples: int = DEFAULT_RESAMPLES,
                  level: float = DEFAULT_LEVEL, seed: int = DEFAULT_SEED) -> dict[str, SiteReport]:
     """``site``'s report in every run, by label, with the same bootstrap settings (same resampled cases)."""

@@ -93,16 +93,19 @@ def test_notebooks_run_on_a_classification_run_with_baselines(collapsed_dir, cls
 
 
 @pytest.mark.slow
-def test_notebooks_run_on_a_segmentation_run_without_baselines(seg_dp_dir, tmp_path, monkeypatch):
+def test_notebooks_run_on_a_segmentation_run_without_baselines(seg_dp_dir, cls_dirs, tmp_path, monkeypatch):
     pytest.importorskip("nbclient")
     monkeypatch.setenv("FEDFEW_RUN_DIR", str(seg_dp_dir))
-    monkeypatch.setenv("FEDFEW_BASELINE_RUNS", json.dumps({"FedAvg": str(tmp_path / "nope")}))
+    # a run that does not exist, and one of another federation (other data: its test cases are not these)
+    monkeypatch.setenv("FEDFEW_BASELINE_RUNS", json.dumps({"FedAvg": str(tmp_path / "nope"), "Other": str(cls_dirs["fedavg"])}))
     monkeypatch.setenv("FEDFEW_SITE", "site00-bright")
     monkeypatch.setenv("FEDFEW_BOOTSTRAP", "200")
     site = _execute(NOTEBOOKS[0])
     assert _images(site) == 4  # deployment, CIs, per-case, overlays
     text = _text(site)
-    assert "No baseline run found" in text
+    assert "No baseline run found on this run's data" in text
+    assert f"baseline FedAvg left out: no run at {tmp_path / 'nope'} (no config.json)" in text
+    assert f"baseline Other left out: {cls_dirs['fedavg']} trained on other data" in text
     assert "HD95: distances are in pixels" in text and "HD95 (pixels)" in text  # synthetic images: no mm
     assert "site00-bright: trained with differential privacy (DP-SGD): ε = 1 spent" in text
     federation = _execute(NOTEBOOKS[1])

@@ -177,6 +177,19 @@ def test_load_runs_skips_missing_directories(cls_dirs, tmp_path):
         ev.load_runs({"missing": tmp_path / "nope"}, skip_missing=False)
 
 
+def test_baseline_runs_keep_only_runs_on_the_same_data(cls_runs, cls_dirs, seg_run, tmp_path):
+    kept, skipped = ev.baseline_runs(seg_run, {"FedAvg": cls_dirs["fedavg"], "missing": tmp_path / "nope"})
+    assert kept == {}
+    assert skipped == {
+        "FedAvg": f"{cls_dirs['fedavg']} trained on other data ({', '.join(cls_runs['fedavg'].sites)}) than this run "
+                  f"({', '.join(seg_run.sites)}): its test cases are not this run's",
+        "missing": f"no run at {tmp_path / 'nope'} (no config.json)",
+    }
+    kept, skipped = ev.baseline_runs(cls_runs["fedfew"], {"FedAvg": cls_dirs["fedavg"], "Local": cls_dirs["local"]})
+    assert list(kept) == ["FedAvg", "Local"] and skipped == {}
+    ev.compare({"this run": cls_runs["fedfew"], **kept}, cls_runs["fedfew"].sites[0])  # comparable: no error
+
+
 def test_errors_name_the_problem(cls_runs, cls_dirs, tmp_path):
     with pytest.raises(ev.UnknownSiteError, match="no site 'site99'; its sites are site00"):
         cls_runs["fedfew"].site_report("site99")

@@ -315,3 +315,22 @@ def test_site_file_errors(tmp_path: Path, kind: str, change: dict[str, dict[str,
     with pytest.raises(ConfigError) as err:
         load_site_config(toml)
     assert message in str(err.value) and str(toml) in str(err.value)
+
+
+@pytest.mark.parametrize("intensity", ["zscore", "minmax", "none"])
+def test_new_rows_get_the_sites_preprocessing_bit_for_bit(tmp_path: Path, intensity: str) -> None:
+    from fedfew_med.data.transforms import apply_feature_statistics
+
+    toml = missing_site(tmp_path, "median")
+    toml.write_text(toml.read_text().replace('intensity = "none"', f'intensity = "{intensity}"'))
+    site = load_site(toml)
+    raw = np.array([[np.nan if a is None else a, np.nan if p is None else p, r[2]]
+                    for r, a, p in zip(RECORDS, MISSING_AGE, MISSING_PSA, strict=True)], dtype=np.float32)
+    splits = np.array([r[4] for r in RECORDS])
+    for split in SPLITS:  # the site's own rows, as new rows: exactly what training made of them
+        np.testing.assert_array_equal(apply_feature_statistics(raw[splits == split], site.metadata), served(site, split))
+    refusing = load_site(table_site(tmp_path / "r", "site0", ["age", "psa", "grade", "label", "split"]))
+    with pytest.raises(ValueError, match="a feature is missing and the site does not impute"):
+        apply_feature_statistics(raw[:2], refusing.metadata)
+    with pytest.raises(ValueError, match=r"expected rows of 3 features, got shape \(2, 2\)"):
+        apply_feature_statistics(raw[:2, :2], site.metadata)

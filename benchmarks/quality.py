@@ -40,6 +40,8 @@ FedAvg + FT             fine-tune epochs ∈ {1, 5} × lr × {1, 2}
 Rounds rule (full runs): FedAvg at the data set's rounds R and at 2R (same seeds, validation only); R
 is enough when 2R gains less than 1 point of validation mean. The result is written as
 ``rounds_check`` and stated in the Markdown; a data set that fails it needs more rounds (``--rounds``).
+``--rounds-check`` runs only the check, before a grid, so that R is settled before the grid spends its
+hours (its runs go to the run cache, and the grid's own check reuses them).
 
 Comparison: for ``fedfew K=3`` and ``fedfew_ft K=3`` against the best baseline (by test mean) and
 against FedAvg, the difference as a **paired bootstrap interval** over seeds and sites (mean) and over
@@ -671,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "bench-cache",
                         help="finished runs are kept here and reused (a stopped benchmark continues; never committed)")
     parser.add_argument("--no-cache", action="store_true", help="run everything again")
+    parser.add_argument("--rounds-check", action="store_true",
+                        help="run only the rounds rule (FedAvg at R and 2R rounds, validation) and print it: settle R before a grid")
     parser.add_argument("--lr-ablation", action="store_true",
                         help="add FedFew K=3 at the reference mu with the baselines' lr grid (a labelled ablation row)")
     args = parser.parse_args(argv)
@@ -691,6 +695,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rounds is not None:
         dataset.base_overrides.append(f"run.rounds={rounds}")
         dataset.config = dataset.with_overrides([])
+    if args.rounds_check:
+        cache = None if args.no_cache else args.cache_dir / result_name(dataset, args.quick)
+        rounds_check(dataset, seeds, cache, lambda m: print(m, flush=True))
+        return
     grid = method_grid(dataset, ks=ks, quick=args.quick, lr_ablation=args.lr_ablation)
     if args.methods:
         grid = [c for c in grid if any(c.method == m or c.method.split(" K=")[0] == m for m in args.methods)]

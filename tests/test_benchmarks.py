@@ -46,6 +46,18 @@ def test_quality_quick_on_demo(tmp_path: Path) -> None:
     assert (tmp_path / "quality_demo_quick.png").stat().st_size > 0
 
 
+def test_quality_rounds_check_alone_settles_the_rounds_before_a_grid(tmp_path: Path) -> None:
+    args = ("--dataset", "demo", "--quick", "--seeds", "0", "--rounds", "1", "--rounds-check", "--out", str(tmp_path),
+            "--cache-dir", str(tmp_path / "cache"))
+    first = run_script("quality.py", *args)
+    line = next(x for x in first.splitlines() if x.startswith("rounds check:"))
+    assert "FedAvg validation mean" in line and " at 1 rounds, " in line and " at 2: " in line
+    assert not list(tmp_path.glob("quality_*"))  # nothing written but the cached runs
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 2  # FedAvg at R and 2R, one seed
+    again = run_script("quality.py", *args)  # from the cache, the same figures
+    assert next(x for x in again.splitlines() if x.startswith("rounds check:")) == line
+
+
 def test_quality_quick_on_tiny_fashion_mnist(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for split, n in (("train", 300), ("t10k", 100)):

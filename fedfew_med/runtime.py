@@ -364,8 +364,8 @@ def score(work: SiteWork, params: Params, slot: str) -> dict[str, float]:
         return {**classification_metrics(p, t), **prediction_checks(p, t)}
     test = work.data.splits["test"]
     if isinstance(test, GridPatches):
-        volumes = [v.argmax(dim=0, keepdim=True) for v in test.stitch(probs)]  # (1, *spatial) each
-        return segmentation_metrics(volumes, [t.round().long() for t in test.stitch(targets.float())], probs.shape[1])
+        preds, refs, _ = test.volume_masks(probs, targets)
+        return segmentation_metrics(preds, refs, probs.shape[1])
     return segmentation_metrics(probs.argmax(dim=1, keepdim=True), targets, probs.shape[1])
 
 

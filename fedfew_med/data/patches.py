@@ -81,6 +81,19 @@ class GridPatches(Dataset[Record]):
             counts[i][box] += 1
         return [(total / count).float() for total, count in zip(sums, counts, strict=True)]
 
+    def volume_masks(self, probs: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Segmentation outputs on the tiles as whole images: what the test metrics score.
+
+        ``probs`` (N, C, *patch) class probabilities and ``targets`` (N, 1, *patch) reference masks,
+        in this view's order. Returns per image the predicted mask (1, *spatial) (argmax of the
+        stitched probabilities), the reference mask (1, *spatial) and the probabilities (C, *spatial).
+        """
+        volumes = self.stitch(probs)
+        preds = [v.argmax(dim=0, keepdim=True) for v in volumes]
+        refs = [t.round().long() for t in self.stitch(targets.float())]  # every tile holds the same labels
+        return preds, refs, volumes
+
     def __getitem__(self, index: int) -> Record:
         item_index, box = self.index[index]
         item = self.base[item_index]

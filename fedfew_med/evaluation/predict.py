@@ -43,7 +43,7 @@ from fedfew_med.data.validate import check_image
 from fedfew_med.deployment import chooser, load_released
 from fedfew_med.dp.federation import site_privacy_options
 from fedfew_med.evaluation.choose import read_choice, read_summary, run_config, run_dp_ready, site_preparer
-from fedfew_med.evaluation.predict_rows import predict_rows
+from fedfew_med.evaluation.predict_rows import predict_rows, scored_row
 from fedfew_med.runtime import ModelFacts, local_runtimes, make_algorithm
 from fedfew_med.site_config import SiteConfig, load_site_config
 from fedfew_med.training import SiteState
@@ -221,11 +221,7 @@ def predict(run_dir: str | Path, site_config: str | Path, inputs: str | Path, ou
                 else:
                     with torch.no_grad():
                         probs = torch.softmax(served.network(image.as_tensor().unsqueeze(0).float()), dim=1)[0]
-                    row.update({"predicted": names[int(probs.argmax())],
-                                **{f"p_{n}": round(float(p), 6) for n, p in zip(names, probs, strict=True)}})
-                    if label is not None:
-                        row.update({"label": names[class_index(label, names)],
-                                    "correct": int(class_index(label, names) == int(probs.argmax()))})
+                    row = scored_row(row, probs, None if label is None else class_index(label, names), names)
                 result.rows.append(row)
             except Exception as exc:  # one unreadable or unusable image must not lose the others
                 result.skipped.append((item, f"{type(exc).__name__}: {exc}"))

@@ -93,14 +93,17 @@ def predict_rows(
         with torch.no_grad():
             probs = torch.softmax(network(features_in).float(), dim=1)  # (N, classes)
         for i, ((row_out, _, label), p_row) in enumerate(zip(kept, probs, strict=True)):
-            out.rows.append(_scored(row_out, p_row, label, names))
+            out.rows.append(scored_row(row_out, p_row, label, names))
             if on_row:
                 on_row(i + 1, len(kept), row_out["input"])
     return out
 
 
-def _scored(row: dict[str, Any], probs: torch.Tensor, label: int | None, names: Sequence[str]) -> dict[str, Any]:
-    """``row`` with the predicted class name, one probability per class and, when labelled, the truth."""
+def scored_row(row: dict[str, Any], probs: torch.Tensor, label: int | None, names: Sequence[str]) -> dict[str, Any]:
+    """``row`` with the predicted class name, one probability per class (C,) and, when labelled, the truth.
+
+    The columns of a classification row of ``predictions.csv``, for images and tabular rows alike.
+    """
     predicted = int(probs.argmax())
     row = {**row, "predicted": names[predicted], **{f"p_{n}": round(float(v), 6) for n, v in zip(names, probs, strict=True)}}
     if label is not None:

@@ -300,9 +300,7 @@ def whole_volumes(test: GridPatches, probs: torch.Tensor, targets: torch.Tensor
     and the class probabilities (V, C, *S) and reference masks (V, 1, *S) stacked for the report's
     arrays (:func:`pad_stack`: certain background where a volume is smaller than the largest).
     """
-    volumes = test.stitch(probs)  # (C, *spatial_i) each
-    refs = [t.round().long() for t in test.stitch(targets.float())]  # (1, *spatial_i)
-    preds = [v.argmax(dim=0, keepdim=True) for v in volumes]
+    preds, refs, volumes = test.volume_masks(probs, targets)
     return preds, refs, pad_stack(volumes, background=1.0), pad_stack(refs).to(targets.dtype)
 
 

@@ -69,6 +69,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/sparse.py --dataset demo --quick
 	$(BIN)/python benchmarks/speed.py --quick
 	$(BIN)/python benchmarks/choose_loso.py --dataset demo --quick
+	$(BIN)/python benchmarks/one_pass_bound.py --quick
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quality.py --dataset heart

@@ -98,3 +98,12 @@ def test_choose_loso_quick_on_demo(tmp_path: Path) -> None:
         assert r["regret"] == r["best_test"] - r["chosen_test"] >= 0 and r["best_test"] == max(r["test"])
     assert res["command"] == "`python benchmarks/choose_loso.py --dataset demo --quick --threads 1`"
     assert "Picked the best of the K" in out and (tmp_path / "choose_loso_demo_quick.md").is_file()
+
+
+def test_one_pass_bound_quick(tmp_path: Path) -> None:
+    out = run_script("one_pass_bound.py", "--quick", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "one_pass_bound_quick.json").read_text())
+    assert res["max_output_difference"] < 1e-5  # the hand-written layouts do the copies' own arithmetic
+    assert set(res["ratio_to_fedavg"]) == {"fedavg", "sequential", "vmap", "grouped", "grouped + fused"}
+    assert res["ratio_to_fedavg"]["fedavg"] == 1.0 and all(v > 0 for v in res["step_ms"].values())
+    assert "| vmap |" in out and (tmp_path / "one_pass_bound_quick.md").is_file()

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, stack_module_state, vmap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,6 +65,12 @@ def units(net: nn.Module) -> list[tuple[str, bool]]:
             raise ValueError(f"{name}: this benchmark's rewrite covers residual units of one convolution and a conv residual")
         out.append((f"net.{name}.", hasattr(sub[0], "adn")))
     return out
+
+
+def stacked(copies: list[nn.Module]) -> Params:
+    """The copies' parameters stacked over copies, as new leaves that require grad: name -> (K, *shape)."""
+    params, _ = stack_module_state(copies)
+    return params
 
 
 def grouped_forward(p: Params, x: torch.Tensor, layout: list[tuple[str, bool]], k: int, *, fused: bool) -> torch.Tensor:
@@ -109,8 +115,7 @@ def same_update(copies: list[nn.Module], x: torch.Tensor, y: torch.Tensor, layou
     """Largest difference between one SGD step of each copy on its own and of the hand-written layouts."""
     k, worst = len(copies), 0.0
     for fused in (False, True):
-        p = {n: torch.stack([dict(c.named_parameters())[n].detach() for c in copies]).clone().requires_grad_()
-             for n, _ in copies[0].named_parameters()}
+        p = stacked(copies)
         grouped_loss(p, x, y, layout, k, fused=fused).backward()
         for i, c in enumerate(copies):
             c.zero_grad(set_to_none=True)
@@ -131,13 +136,9 @@ def steps(k: int, batch: int, seed: int) -> tuple[dict[str, Callable[[], None]],
     loss_fn = nn.CrossEntropyLoss()
     layout = units(copies[0])
 
-    def stacked() -> Params:
-        return {n: torch.stack([dict(c.named_parameters())[n].detach() for c in copies]).clone().requires_grad_()
-                for n, _ in copies[0].named_parameters()}
-
     with torch.no_grad():
         own = torch.stack([c(x) for c in copies], 1)  # (B, K, classes)
-        p0 = stacked()
+        p0 = stacked(copies)
         diff = max(float((grouped_forward(p0, x, layout, k, fused=f) - own).abs().max()) for f in (False, True))
     diff = max(diff, same_update(copies, x, y, layout))
 
@@ -148,7 +149,7 @@ def steps(k: int, batch: int, seed: int) -> tuple[dict[str, Callable[[], None]],
             opts[i].step()
         return step
 
-    pv = stacked()
+    pv = stacked(copies)
     opt_v = torch.optim.SGD(list(pv.values()), lr=0.01)
     net = copies[0]
     batched = vmap(lambda p, xx, yy: loss_fn(functional_call(net, p, (xx,)), yy), in_dims=(0, None, None))
@@ -159,7 +160,7 @@ def steps(k: int, batch: int, seed: int) -> tuple[dict[str, Callable[[], None]],
         opt_v.step()
 
     def grouped(fused: bool) -> Callable[[], None]:
-        pg = stacked()
+        pg = stacked(copies)
         opt = torch.optim.SGD(list(pg.values()), lr=0.01)
 
         def step() -> None:

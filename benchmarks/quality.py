@@ -63,7 +63,9 @@ shared, heavily loaded CPU cores with ``--threads 1``: ``heart`` full (35 config
 ``wall_seconds`` of each ``*_quick.json``). A full run costs about (configurations × seeds × the
 ``s/run`` of its rows), with s/run growing linearly in rounds. Measured full runs on the 2 cores:
 ``br35h-4-*`` about 125 min, ``br35h-10-*`` about 100 min each (two side by side), ``segmentation``
-27 min; the Fashion-MNIST grids need days on 2 cores and have not been run in full.
+27 min; the Fashion-MNIST grids need days on 2 cores and have not been run in full. ``--jobs 2`` runs
+two runs side by side (forked processes of ``--threads`` each, :mod:`run_pool`) with the same figures,
+so a one-thread grid does not leave the second core idle.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+
+from run_pool import map_runs  # noqa: E402  (benchmarks/, this script's folder)
 
 from fedfew_med import checkpoint  # noqa: E402
 from fedfew_med.config import MAX_ROUNDS, FederationConfig, federation_from_dict, load_federation  # noqa: E402
@@ -425,16 +430,23 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log: Callable[[str], None],
-             cache: Path | None = None) -> dict[str, Any]:
-    """Every configuration on every seed; per method the configuration with the best validation mean."""
+             cache: Path | None = None, *, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
+    """Every configuration on every seed; per method the configuration with the best validation mean.
+
+    With ``jobs`` > 1 the runs go to that many forked processes (:mod:`run_pool`), ``threads`` torch
+    threads each; the results, and so the tables, are the same as in one process.
+    """
     by_config: dict[Config, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, cfg in enumerate(grid):
-            runs = [run_one(dataset, cfg, seed, Path(tmp), cache) for seed in seeds]
-            by_config[cfg] = {**aggregate(runs), "per_seed": runs}
-            row = by_config[cfg]
-            log(f"[{i + 1}/{len(grid)}] {cfg.method:<12} {cfg.setting:<20} test {row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} "
-                f"worst {row['worst']:.3f} val {row['val_mean']:.3f} ({row['seconds_per_run']:.1f} s/run)")
+        tasks = [(cfg, seed) for cfg in grid for seed in seeds]
+        with closing(map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache), tasks,
+                              jobs=jobs, threads=threads)) as results:
+            for i, cfg in enumerate(grid):
+                runs = [next(results) for _ in seeds]
+                by_config[cfg] = {**aggregate(runs), "per_seed": runs}
+                row = by_config[cfg]
+                log(f"[{i + 1}/{len(grid)}] {cfg.method:<12} {cfg.setting:<20} test {row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} "
+                    f"worst {row['worst']:.3f} val {row['val_mean']:.3f} ({row['seconds_per_run']:.1f} s/run)")
     methods: dict[str, Any] = {}
     for cfg, row in by_config.items():
         best = methods.get(cfg.method)
@@ -475,16 +487,19 @@ ROUNDS_GAIN = 0.01  # rounds are enough when doubling them gains FedAvg less tha
 PROTOCOL_ROUNDS = {"segmentation": 40, "demo": 30, "br35h-4-a0.5": 40, "br35h-4-a0.1": 80, "br35h-10-a0.5": 80, "br35h-10-a0.1": 320}
 
 
-def rounds_check(dataset: Dataset, seeds: Sequence[int], cache: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
+def rounds_check(dataset: Dataset, seeds: Sequence[int], cache: Path | None, log: Callable[[str], None], *,
+                 jobs: int = 1, threads: int = 1) -> dict[str, Any]:
     """The rounds rule: FedAvg (the data set's lr) at R and 2R rounds; R is enough when 2R gains < 1 point of validation.
 
-    Only validation is looked at. Runs are cached like every other run.
+    Only validation is looked at. Runs are cached like every other run (``jobs``: as in :func:`run_grid`).
     """
     rounds = dataset.config.run.rounds
     base = ("algorithm.name='fedavg'", "algorithm.params={}")
-    with tempfile.TemporaryDirectory() as tmp:
-        at = {r: [run_one(dataset, Config("rounds check", f"rounds={r}", (*base, f"run.rounds={r}")), s, Path(tmp), cache)["val_mean"]
-                  for s in seeds] for r in (rounds, 2 * rounds)}
+    tasks = [(Config("rounds check", f"rounds={r}", (*base, f"run.rounds={r}")), s) for r in (2 * rounds, rounds) for s in seeds]
+    with tempfile.TemporaryDirectory() as tmp:  # 2R first: the longest runs start first when they run side by side
+        vals = list(map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache)["val_mean"], tasks,
+                             jobs=jobs, threads=threads))
+    at = {2 * rounds: vals[:len(seeds)], rounds: vals[len(seeds):]}
     v1, v2 = statistics.fmean(at[rounds]), statistics.fmean(at[2 * rounds])
     out = {"rounds": rounds, "fedavg_val_mean": v1, "fedavg_val_mean_2x": v2, "gain": v2 - v1, "threshold": ROUNDS_GAIN,
            "flat": v2 - v1 < ROUNDS_GAIN, "seeds": list(seeds)}
@@ -673,6 +688,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run only these methods (a label, or its name before ' K=': fedfew, 'fedfew reference', fedfew_ft, ifca)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on shared cores, 2 threads made a logistic-regression run 20x slower)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs side by side, in forked processes of --threads each (2 on 2 cores halves a grid's wall "
+                             "time; the same figures)")
     parser.add_argument("--fmnist-records", type=int, default=None, help="use a random subset of this many records")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "bench-cache",
                         help="finished runs are kept here and reused (a stopped benchmark continues; never committed)")
@@ -701,14 +719,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         dataset.config = dataset.with_overrides([])
     if args.rounds_check:
         cache = None if args.no_cache else args.cache_dir / result_name(dataset, args.quick)
-        rounds_check(dataset, seeds, cache, lambda m: print(m, flush=True))
+        rounds_check(dataset, seeds, cache, lambda m: print(m, flush=True), jobs=args.jobs, threads=args.threads)
         return
     grid = method_grid(dataset, ks=ks, quick=args.quick, lr_ablation=args.lr_ablation)
     if args.methods:
         grid = [c for c in grid if any(c.method == m or c.method.split(" K=")[0] == m for m in args.methods)]
     print(f"{dataset.description}: {len(dataset.sites)} sites, {len(grid)} configurations x {len(seeds)} seeds", flush=True)
     cache = None if args.no_cache else args.cache_dir / result_name(dataset, args.quick)
-    methods = run_grid(dataset, grid, seeds, lambda s: print(s, flush=True), cache)
+    methods = run_grid(dataset, grid, seeds, lambda s: print(s, flush=True), cache, jobs=args.jobs, threads=args.threads)
     res: dict[str, Any] = {
         "dataset": dataset.name,
         "description": dataset.description,
@@ -731,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     res["comparison"] = comparisons(methods)
     if not args.quick and not args.methods:
-        res["rounds_check"] = rounds_check(dataset, seeds, cache, lambda m: print(m, flush=True))
+        res["rounds_check"] = rounds_check(dataset, seeds, cache, lambda m: print(m, flush=True), jobs=args.jobs, threads=args.threads)
     write_results(res, args.out / result_name(dataset, args.quick), to_markdown, plot)
 
 

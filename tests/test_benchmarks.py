@@ -36,6 +36,12 @@ def test_quality_quick_on_demo(tmp_path: Path) -> None:
     again = json.loads((tmp_path / "quality_demo_quick.json").read_text())
     assert again["cached_runs"] == sum(len(row["per_seed"]) * len(row["grid"]) for row in res["methods"].values())
     assert {m: r["mean"] for m, r in again["methods"].items()} == {m: r["mean"] for m, r in res["methods"].items()}
+    side_by_side = tmp_path / "jobs2"  # a fresh cache, two runs at a time: every run made again, the same figures
+    run_script("quality.py", *args[:-4], "--out", str(side_by_side), "--cache-dir", str(side_by_side / "cache"), "--jobs", "2")
+    two = json.loads((side_by_side / "quality_demo_quick.json").read_text())
+    assert two["cached_runs"] == 0
+    assert {m: (r["mean"], r["worst"], r["val_mean"]) for m, r in two["methods"].items()} == \
+        {m: (r["mean"], r["worst"], r["val_mean"]) for m, r in res["methods"].items()}
     assert set(res["methods"]) == {"fedfew K=3", "fedfew_ft K=3", "fedfew reference K=3", "local", "fedavg", "fedprox", "ifca K=3",
                                    "ditto", "fedavg_ft"}
     assert res["protocol"] == 2 and set(res["comparison"]) == {"best_baseline", "fedfew K=3", "fedfew_ft K=3"}

@@ -79,7 +79,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,6 +429,16 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def run_many(dataset: Dataset, tasks: Sequence[tuple[Config, int]], cache: Path | None, *, jobs: int = 1,
+             threads: int = 1) -> Generator[dict[str, Any], None, None]:
+    """:func:`run_one` for each (configuration, seed), in ``jobs`` forked processes (:mod:`run_pool`), in task order.
+
+    The runs' folders live in one temporary folder, removed when the generator is exhausted or closed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        yield from map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache), tasks, jobs=jobs, threads=threads)
+
+
 def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log: Callable[[str], None],
              cache: Path | None = None, *, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
     """Every configuration on every seed; per method the configuration with the best validation mean.
@@ -437,16 +447,13 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
     threads each; the results, and so the tables, are the same as in one process.
     """
     by_config: dict[Config, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tasks = [(cfg, seed) for cfg in grid for seed in seeds]
-        with closing(map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache), tasks,
-                              jobs=jobs, threads=threads)) as results:
-            for i, cfg in enumerate(grid):
-                runs = [next(results) for _ in seeds]
-                by_config[cfg] = {**aggregate(runs), "per_seed": runs}
-                row = by_config[cfg]
-                log(f"[{i + 1}/{len(grid)}] {cfg.method:<12} {cfg.setting:<20} test {row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} "
-                    f"worst {row['worst']:.3f} val {row['val_mean']:.3f} ({row['seconds_per_run']:.1f} s/run)")
+    with closing(run_many(dataset, [(cfg, seed) for cfg in grid for seed in seeds], cache, jobs=jobs, threads=threads)) as results:
+        for i, cfg in enumerate(grid):
+            runs = [next(results) for _ in seeds]
+            by_config[cfg] = {**aggregate(runs), "per_seed": runs}
+            row = by_config[cfg]
+            log(f"[{i + 1}/{len(grid)}] {cfg.method:<12} {cfg.setting:<20} test {row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} "
+                f"worst {row['worst']:.3f} val {row['val_mean']:.3f} ({row['seconds_per_run']:.1f} s/run)")
     methods: dict[str, Any] = {}
     for cfg, row in by_config.items():
         best = methods.get(cfg.method)
@@ -495,10 +502,9 @@ def rounds_check(dataset: Dataset, seeds: Sequence[int], cache: Path | None, log
     """
     rounds = dataset.config.run.rounds
     base = ("algorithm.name='fedavg'", "algorithm.params={}")
+    # 2R first: the longest runs start first when they run side by side
     tasks = [(Config("rounds check", f"rounds={r}", (*base, f"run.rounds={r}")), s) for r in (2 * rounds, rounds) for s in seeds]
-    with tempfile.TemporaryDirectory() as tmp:  # 2R first: the longest runs start first when they run side by side
-        vals = list(map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache)["val_mean"], tasks,
-                             jobs=jobs, threads=threads))
+    vals = [r["val_mean"] for r in run_many(dataset, tasks, cache, jobs=jobs, threads=threads)]
     at = {2 * rounds: vals[:len(seeds)], rounds: vals[len(seeds):]}
     v1, v2 = statistics.fmean(at[rounds]), statistics.fmean(at[2 * rounds])
     out = {"rounds": rounds, "fedavg_val_mean": v1, "fedavg_val_mean_2x": v2, "gain": v2 - v1, "threshold": ROUNDS_GAIN,
@@ -689,8 +695,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on shared cores, 2 threads made a logistic-regression run 20x slower)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="runs side by side, in forked processes of --threads each (2 on 2 cores halves a grid's wall "
-                             "time; the same figures)")
+                        help="runs side by side, in forked processes of --threads each (2: both of 2 cores busy at 1 thread; "
+                             "the same figures)")
     parser.add_argument("--fmnist-records", type=int, default=None, help="use a random subset of this many records")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "bench-cache",
                         help="finished runs are kept here and reused (a stopped benchmark continues; never committed)")

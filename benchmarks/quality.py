@@ -488,7 +488,8 @@ ROUNDS_GAIN = 0.01  # rounds are enough when doubling them gains FedAvg less tha
 # runs at these rounds under protocol 2 and its rounds check then looks at twice as many; the ablation keeps the
 # data sets' own rounds. Checked ahead of their grids (--rounds-check): Br35H 4 sites a0.5 40 -> 80 +0.003 (flat);
 # Br35H 10 sites a0.5 40 -> 80 +0.009 (flat, just; its 40-round grid's own check, on AVX-512 kernels, then gave +0.012),
-# 80 -> 160 +0.029 (its 80-round grid's check), 160 -> 320 +0.017, so it runs at 320; Br35H 4 sites a0.1 (its 40-round grid failed: +0.029 at 80) 80 -> 160
+# 80 -> 160 +0.029 (its 80-round grid's check), 160 -> 320 +0.017, 320 -> 640 -0.000 (flat), so it runs at 320;
+# Br35H 4 sites a0.1 (its 40-round grid failed: +0.029 at 80) 80 -> 160
 # -0.005 (flat), so it runs at 80; Br35H 10 sites a0.1 40 -> 80 +0.036, 80 -> 160 +0.036, 160 -> 320 +0.026, so it
 # runs at 320 (its own check then looks at 640).
 PROTOCOL_ROUNDS = {"segmentation": 40, "demo": 30, "br35h-4-a0.5": 40, "br35h-4-a0.1": 80, "br35h-10-a0.5": 320, "br35h-10-a0.1": 320}

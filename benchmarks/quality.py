@@ -29,7 +29,7 @@ mean validation metric over sites averaged over seeds:
 method                  grid (lr = the data set's client lr)           knob
 ======================  ============================================  ==================================
 FedFew K=3 (default)    μ ∈ {0.1, 0.3} × lr × {1, 2}                  temperature over models (log loss)
-fedfew_ft K=3           fine-tune epochs ∈ {1, 5} × lr × {1, 2}        default preset, μ = 0.1
+fedfew_ft K=3           μ ∈ {0.1, 0.3} × lr × {1, 2}                  as FedFew, then 1 fine-tune epoch
 FedFew reference K=3    μ ∈ {0.01, 0.1} × lr × {1, 2}                 the authors' preset
 Local, FedAvg, IFCA K=3 lr × {0.5, 1, 1.5, 2}                         no knob of their own
 FedProx                 μ_prox ∈ {0.01, 0.1} × lr × {1, 2}
@@ -93,6 +93,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 from run_pool import map_runs  # noqa: E402  (benchmarks/, this script's folder)
 
 from fedfew_med import checkpoint  # noqa: E402
+from fedfew_med.algorithms.fedfew import PRESETS as FEDFEW_PRESETS  # noqa: E402
 from fedfew_med.config import MAX_ROUNDS, FederationConfig, federation_from_dict, load_federation  # noqa: E402
 from fedfew_med.data import SiteData, build_sites  # noqa: E402
 from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_metrics  # noqa: E402
@@ -297,7 +298,13 @@ def method_grid(dataset: Dataset, *, ks: Sequence[int] = (3,), quick: bool, lr_a
     for k in [k for k in ks if k <= m]:
         out += knob(f"fedfew K={k}", "fedfew", "mu", FEDFEW_MUS, k=k)
     if 3 <= m:
-        out += knob("fedfew_ft K=3", "fedfew_ft", "finetune_epochs", FT_EPOCHS, k=3)
+        # FedFew's own knob, then one fine-tune epoch. μ equal to the preset's is left implicit: the same
+        # overrides as the earlier grid's (epochs knob at the preset's μ), so those runs keep their cache keys.
+        default_mu = FEDFEW_PRESETS["default"]["mu"]
+        out += [Config("fedfew_ft K=3", f"mu={v}, lr={lr * s:g}",
+                       (*algorithm_overrides("fedfew_ft", k=3, finetune_epochs=1, **({} if v == default_mu else {"mu": v})),
+                        f"training.lr={lr * s}"))
+                for v in pick(FEDFEW_MUS) for s in pick(KNOB_LR_SCALES)]
         out += knob("fedfew reference K=3", "fedfew", "mu", REFERENCE_MUS, preset="reference", k=3)
     out += lr_only("local", "local")
     out += lr_only("fedavg", "fedavg")
@@ -368,6 +375,11 @@ def cache_key(dataset: Dataset, config: FederationConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def run_config(dataset: Dataset, cfg: Config, seed: int) -> FederationConfig:
+    """The whole config of one run (``cfg`` on ``seed``), evaluated only at its end; :func:`cache_key` keys it."""
+    return dataset.with_overrides([*cfg.overrides, f"run.seed={seed}", f"run.eval_every={MAX_ROUNDS}"])
+
+
 def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | None = None) -> dict[str, Any]:
     """One run: test summary, per-site test and validation metrics, bytes per round, wall time.
 
@@ -375,7 +387,7 @@ def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | N
     and reused, so a benchmark stopped after some configurations continues where it stopped, and
     several invocations with disjoint ``--methods`` can share the work.
     """
-    config = dataset.with_overrides([*cfg.overrides, f"run.seed={seed}", f"run.eval_every={MAX_ROUNDS}"])  # only at the end
+    config = run_config(dataset, cfg, seed)
     cached = cache / f"{cache_key(dataset, config)}.json" if cache is not None else None
     if cached is not None and cached.is_file():
         return {**json.loads(cached.read_text()), "cached": True}
@@ -598,6 +610,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines += ["", f"Rounds rule: FedAvg's validation mean gains {rc['gain']:+.3f} from {rc['rounds']} to {2 * rc['rounds']} rounds "
                   f"({'below' if rc['flat'] else 'NOT below'} the {rc['threshold']:.2f} threshold: the curve has "
                   f"{'flattened' if rc['flat'] else 'not flattened'})."]
+    for u in res.get("updates", []):
+        lines += ["", f"Rerun later and merged into this grid: {', '.join(u['methods'])} ({u['command']}; {u['machine']})."]
     lines += ["", "Every configuration (test mean / validation mean / worst site):", ""]
     for name, row in methods.items():
         lines.append(f"- {name}: " + "; ".join(f"{k} {v['test_mean']:.3f} / {v['val_mean']:.3f} / {v['worst']:.3f}"
@@ -640,6 +654,24 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_rows(res: dict[str, Any], rows: dict[str, Any], *, rounds: int, seeds: Sequence[int], where: str,
+               update: dict[str, Any]) -> dict[str, Any]:
+    """``res`` (a finished grid's results) with the method ``rows`` rerun and put in place of its own.
+
+    A replaced row keeps its place in the table; the other rows, the rounds check and the machine stay;
+    the comparison and the run-time totals are recomputed and ``update`` (what ran, where) is appended to
+    ``res["updates"]``. Rows made at other rounds or seeds than the file's are refused (``where``: the file).
+    """
+    if res["rounds"] != rounds or list(res["seeds"]) != list(seeds):
+        raise SystemExit(f"{where}: its grid ran at {res['rounds']} rounds on seeds {res['seeds']}; these rows ran at "
+                         f"{rounds} rounds on seeds {list(seeds)}: pass --rounds and --seeds to match it")
+    methods = {**res["methods"], **rows}
+    return {**res, "methods": methods, "comparison": comparisons(methods),
+            "run_seconds_total": sum(m["run_seconds"] for m in methods.values()),
+            "cached_runs": sum(m["cached_runs"] for m in methods.values()),
+            "updates": [*res.get("updates", []), {**update, "methods": list(rows)}]}
+
+
 def write_results(
     res: dict[str, Any],
     stem: Path,
@@ -680,6 +712,13 @@ def machine() -> str:
             f"{platform.platform()}")
 
 
+def grid_record(ks: Sequence[int]) -> dict[str, Any]:
+    """The grids' values, as written into a results file (``fedfew_ft``: its knob and fine-tune epochs)."""
+    return {"budget": BUDGET, "knob_lr_scale": KNOB_LR_SCALES, "lr_scale": LR_SCALES, "fedfew_mu": FEDFEW_MUS,
+            "reference_mu": REFERENCE_MUS, "mu_prox": PROX, "ditto_lam": DITTO, "finetune_epochs": FT_EPOCHS,
+            "fedfew_ft": {"mu": FEDFEW_MUS, "finetune_epochs": 1}, "k": list(ks)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=list(DATASETS), help="the federation to benchmark")
@@ -706,7 +745,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run only the rounds rule (FedAvg at R and 2R rounds, validation) and print it: settle R before a grid")
     parser.add_argument("--lr-ablation", action="store_true",
                         help="add FedFew K=3 at the reference mu with the baselines' lr grid (a labelled ablation row)")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --methods: put the rerun rows into the existing results file in place of its own "
+                             "(the other rows, the rounds check and the machine are kept)")
     args = parser.parse_args(argv)
+    if args.merge and not args.methods:
+        parser.error("--merge needs --methods (the rows to rerun)")
     if args.list:
         for name in DATASETS:
             print(name)
@@ -734,10 +778,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{dataset.description}: {len(dataset.sites)} sites, {len(grid)} configurations x {len(seeds)} seeds", flush=True)
     cache = None if args.no_cache else args.cache_dir / result_name(dataset, args.quick)
     methods = run_grid(dataset, grid, seeds, lambda s: print(s, flush=True), cache, jobs=args.jobs, threads=args.threads)
+    stem = args.out / result_name(dataset, args.quick)
+    command = recorded_command("quality.py", sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        where = Path(f"{stem}.json")
+        if not where.is_file():
+            raise SystemExit(f"{where}: no results to merge into (run the whole grid first)")
+        update = {"command": command, "machine": machine(), "wall_seconds": time.perf_counter() - t0}
+        merged = merge_rows(json.loads(where.read_text()), methods, rounds=dataset.config.run.rounds, seeds=seeds,
+                            where=str(where), update=update)
+        write_results({**merged, "grids": grid_record(ks)}, stem, to_markdown, plot)
+        return
     res: dict[str, Any] = {
         "dataset": dataset.name,
         "description": dataset.description,
-        "command": recorded_command("quality.py", sys.argv[1:] if argv is None else argv),
+        "command": command,
         "quick": args.quick,
         "seeds": seeds,
         "rounds": dataset.config.run.rounds,
@@ -745,8 +800,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "machine": machine(),
         "threads": args.threads,
         "protocol": PROTOCOL,
-        "grids": {"budget": BUDGET, "knob_lr_scale": KNOB_LR_SCALES, "lr_scale": LR_SCALES, "fedfew_mu": FEDFEW_MUS,
-                  "reference_mu": REFERENCE_MUS, "mu_prox": PROX, "ditto_lam": DITTO, "finetune_epochs": FT_EPOCHS, "k": ks},
+        "grids": grid_record(ks),
         "methods": methods,
         "published": FLAMBY_PUBLISHED if dataset.name == "heart" else None,
         "wall_seconds": time.perf_counter() - t0,
@@ -757,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     res["comparison"] = comparisons(methods)
     if not args.quick and not args.methods:
         res["rounds_check"] = rounds_check(dataset, seeds, cache, lambda m: print(m, flush=True), jobs=args.jobs, threads=args.threads)
-    write_results(res, args.out / result_name(dataset, args.quick), to_markdown, plot)
+    write_results(res, stem, to_markdown, plot)
 
 
 if __name__ == "__main__":

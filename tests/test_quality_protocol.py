@@ -105,3 +105,53 @@ def test_a_recorded_command_leaves_out_where_files_are() -> None:
             "--rows", "reference + re-seeding"]
     assert quality.recorded_command("quality.py", argv) == \
         "`python benchmarks/quality.py --dataset segmentation --rounds 20 --rows 'reference + re-seeding'`"
+
+
+def test_fedfew_ft_searches_fedfew_s_own_knob_with_one_fine_tune_epoch() -> None:
+    """fedfew_ft's 4 configurations are the FedFew row's (μ × lr), each deployed after one fine-tune epoch; at the
+    preset's own μ the overrides are the earlier grid's (epochs knob, μ implicit), so cached runs stay valid."""
+    config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
+    dataset = quality.Dataset("demo", config, [object()] * 6, "demo")  # type: ignore[list-item]
+    grid = quality.method_grid(dataset, quick=False)
+    ft = [c for c in grid if c.method == "fedfew_ft K=3"]
+    fedfew = [c for c in grid if c.method == "fedfew K=3"]
+    assert [c.setting for c in ft] == [c.setting for c in fedfew]  # mu=0.1, lr=0.05; mu=0.1, lr=0.1; mu=0.3, ...
+    assert ft[0].overrides == ("algorithm.name='fedfew_ft'", "algorithm.params={k = 3, finetune_epochs = 1}", "training.lr=0.05")
+    assert ft[2].overrides[1] == "algorithm.params={k = 3, finetune_epochs = 1, mu = 0.3}"
+    resolved = [dataset.with_overrides(c.overrides) for c in ft]
+    assert [quality.algorithm_options(c)["mu"] for c in resolved] == [0.1, 0.1, 0.3, 0.3]
+
+
+def _result(rows: dict[str, float], *, rounds: int = 40) -> dict:
+    methods = {name: {"mean": v, "run_seconds": 10.0, "cached_runs": 0, "per_seed": [_run(s, {"x": v, "y": v - 0.1}) for s in range(3)]}
+               for name, v in rows.items()}
+    return {"rounds": rounds, "seeds": [0, 1, 2], "methods": methods, "machine": "m",
+            "rounds_check": {"rounds": rounds, "gain": 0.001, "threshold": 0.01, "flat": True},
+            "comparison": quality.comparisons(methods) if "fedavg" in methods else {}}
+
+
+def test_merging_a_rerun_row_replaces_it_in_place_and_recomputes_the_comparison() -> None:
+    res = _result({"fedfew K=3": 0.80, "fedfew_ft K=3": 0.70, "fedavg": 0.85, "ditto": 0.82})
+    assert not res["comparison"]["fedfew_ft K=3"]["within_1pt_of_fedavg"]
+    new = _result({"fedfew_ft K=3": 0.90})["methods"]
+    new["fedfew_ft K=3"]["cached_runs"] = 3
+    got = quality.merge_rows(res, new, rounds=40, seeds=[0, 1, 2], where="f.json", update={"command": "c", "machine": "n"})
+    assert list(got["methods"]) == ["fedfew K=3", "fedfew_ft K=3", "fedavg", "ditto"]  # the replaced row keeps its place
+    assert got["methods"]["fedfew_ft K=3"]["mean"] == 0.90 and got["methods"]["fedavg"] is res["methods"]["fedavg"]
+    assert got["comparison"]["fedfew_ft K=3"]["within_1pt_of_fedavg"]
+    assert got["comparison"]["fedfew_ft K=3"]["vs_best"]["mean"] == pytest.approx(0.90 - 0.85)
+    assert got["run_seconds_total"] == 40.0 and got["cached_runs"] == 3
+    assert got["rounds_check"] is res["rounds_check"] and got["machine"] == "m"
+    assert got["updates"] == [{"command": "c", "machine": "n", "methods": ["fedfew_ft K=3"]}]
+    assert "Rerun later and merged into this grid: fedfew_ft K=3 (c; n)." in quality.to_markdown(
+        {**got, "description": "d", "command": "c0", "metric": "accuracy", "wall_seconds": 1.0,
+         "methods": {n: {**r, "selected": "s", "mean_std_over_seeds": 0.0, "worst": 0.0, "jain": 1.0, "bytes_per_round": 0,
+                         "seconds_per_run": 1.0, "grid": {}} for n, r in got["methods"].items()}})
+    assert "updates" not in res  # the input is left as it was
+
+
+@pytest.mark.parametrize(("rounds", "seeds"), [(80, [0, 1, 2]), (40, [0, 1])])
+def test_merging_rows_of_other_rounds_or_seeds_is_refused(rounds: int, seeds: list[int]) -> None:
+    res = _result({"fedfew K=3": 0.80, "fedavg": 0.85})
+    with pytest.raises(SystemExit, match=r"f\.json: its grid ran at 40 rounds on seeds \[0, 1, 2\]"):
+        quality.merge_rows(res, {}, rounds=rounds, seeds=seeds, where="f.json", update={})

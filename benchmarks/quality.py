@@ -37,6 +37,15 @@ Ditto                   λ ∈ {0.1, 1} × lr × {1, 2}
 FedAvg + FT             fine-tune epochs ∈ {1, 5} × lr × {1, 2}
 ======================  ============================================  ==================================
 
+``fedfew_ft``'s grid was fine-tune epochs ∈ {1, 5} × lr at the preset's μ = 0.1 until the five finished
+grids showed what that cost: ``fedfew_ft`` trains exactly as FedFew at the same μ, lr and seed (the same K
+models; only the deployment differs), so ``benchmarks/finetune_effect.py`` reads fine-tuning's own effect
+off in pairs, and it was small (one epoch: −0.008 to +0.008 of test mean on Br35H 10 sites α 0.5 at 80
+rounds, −0.001 to +0.011 on 4 sites α 0.1), while μ = 0.3 instead of 0.1 was worth +0.014 to +0.022 of
+validation in the FedFew row on the three Br35H federations run (+0.016 on the demo). A fixed μ, not
+fine-tuning, had put ``fedfew_ft`` 2–2.6 points under FedAvg. It now searches FedFew's own knob with one epoch (the same budget of 4); its rows in the
+finished grids were rerun with ``--methods fedfew_ft --merge`` (recorded under ``updates``).
+
 Rounds rule (full runs): FedAvg at the data set's rounds R and at 2R (same seeds, validation only); R
 is enough when 2R gains less than 1 point of validation mean. The result is written as
 ``rounds_check`` and stated in the Markdown; a data set that fails it needs more rounds (``--rounds``).

@@ -41,7 +41,12 @@ def effect(base: Sequence[dict[str, Any]], tuned: Sequence[dict[str, Any]]) -> d
     val = statistics.fmean(t["val_mean"] - b["val_mean"] for t, b in zip(tuned, base, strict=True))
     diffs = [t["per_site"][s] - b["per_site"][s] for t, b in zip(tuned, base, strict=True) for s in b["per_site"]]
     return {"test": test, "val": val, "up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs), "sites": len(diffs),
-            "same_models": all(t["diagnostics"] == b["diagnostics"] for t, b in zip(tuned, base, strict=True))}
+            "same_models": all(same_training(t["diagnostics"], b["diagnostics"]) for t, b in zip(tuned, base, strict=True))}
+
+
+def same_training(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two runs' diagnostics agree on every key both have (a run cached before a key was added lacks it)."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

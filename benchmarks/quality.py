@@ -62,8 +62,9 @@ The partition is fixed (seed 0); the run seed (initialisation, data order) varie
 Reported per method: mean over sites (± std over seeds), worst site, Jain's index (means over seeds),
 bytes moved per round (both directions, all sites), wall time per run, the selected configuration and
 every configuration's test / validation / worst; per run, collapse diagnostics (largest α per round,
-models in use, spread of the K models, re-seeds). Output: ``benchmarks/results/quality_<dataset>
-[_quick].json``, ``.md`` and ``.png``.
+models in use, spread of the K models, re-seeds) and the site replies the server skipped (a failed site,
+e.g. a diverging update over ``[faults].max_update_norm``; shown per configuration in the Markdown when
+any). Output: ``benchmarks/results/quality_<dataset>[_quick].json``, ``.md`` and ``.png``.
 
 md`` and ``.png``.
 
@@ -430,11 +431,20 @@ def _run_uncached(dataset: Dataset, cfg: Config, config: FederationConfig, seed:
 
 
 def diagnostics(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
-    """Collapse diagnostics of a run: mean of each round's largest α (None without α), models in use, spread."""
+    """Collapse diagnostics of a run: mean of each round's largest α (None without α), models in use, spread,
+    re-seeds, and ``skipped``: site replies the server left out (a site that failed, e.g. an update over
+    ``[faults].max_update_norm``; the rounds' ``failures``), so a table says when a method trained on less."""
     use = summary.get("model_use")
     return {"alpha_max": mean_alpha_max(records),
             "in_use": use["in_use"] if use else None, "spread": use["spread"] if use else None,
-            "reseeded": use["reseeded"] if use else None}
+            "reseeded": use["reseeded"] if use else None,
+            "skipped": sum(len(r.get("failures") or {}) for r in records)}
+
+
+def skipped_replies(runs: Sequence[dict[str, Any]]) -> int | None:
+    """Site replies skipped over ``runs`` (None when a run predates the count: cached before it was kept)."""
+    known = [r.get("diagnostics", {}).get("skipped") for r in runs]
+    return None if any(k is None for k in known) else sum(known)
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -481,7 +491,8 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
         if best is None or row["val_mean"] > best["val_mean"]:
             methods[cfg.method] = {**row, "selected": cfg.setting}
     for name, row in methods.items():
-        row["grid"] = {c.setting: {"test_mean": r["mean"], "val_mean": r["val_mean"], "worst": r["worst"]}
+        row["grid"] = {c.setting: {"test_mean": r["mean"], "val_mean": r["val_mean"], "worst": r["worst"],
+                                   "skipped": skipped_replies(r["per_seed"])}
                        for c, r in by_config.items() if c.method == name}
         runs = [x for c, r in by_config.items() if c.method == name for x in r["per_seed"]]
         row["run_seconds"] = sum(x["seconds"] for x in runs)
@@ -624,6 +635,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += ["", "Every configuration (test mean / validation mean / worst site):", ""]
     for name, row in methods.items():
         lines.append(f"- {name}: " + "; ".join(f"{k} {v['test_mean']:.3f} / {v['val_mean']:.3f} / {v['worst']:.3f}"
+                                             + (f" ({v['skipped']} site replies skipped)" if v.get("skipped") else "")
                                              for k, v in row["grid"].items()))
     for row_name, c in res.get("comparison", {}).items():
         if row_name == "best_baseline":

@@ -46,3 +46,13 @@ def test_the_effect_by_hand(tuned_sites: dict, tuned_diag: dict, mean: float, up
     assert got["val"] == pytest.approx(0.01)
     assert (got["up"], got["down"], got["sites"]) == (3 * up, 3 * down, 6)
     assert got["same_models"] is same
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    (DIAG, DIAG, True),
+    ({**DIAG, "skipped": 2}, DIAG, True),                  # cached before "skipped" was kept: compared on the rest
+    ({**DIAG, "skipped": 2}, {**DIAG, "skipped": 1}, False),
+    ({**DIAG, "spread": 1.1}, DIAG, False),
+])
+def test_same_training_compares_the_keys_both_runs_have(a: dict, b: dict, same: bool) -> None:
+    assert finetune_effect.same_training(a, b) is same

@@ -155,3 +155,19 @@ def test_merging_rows_of_other_rounds_or_seeds_is_refused(rounds: int, seeds: li
     res = _result({"fedfew K=3": 0.80, "fedavg": 0.85})
     with pytest.raises(SystemExit, match=r"f\.json: its grid ran at 40 rounds on seeds \[0, 1, 2\]"):
         quality.merge_rows(res, {}, rounds=rounds, seeds=seeds, where="f.json", update={})
+
+
+def test_skipped_site_replies_are_counted_from_the_rounds_failures_and_shown() -> None:
+    records = [{"round": 0, "failures": {}}, {"round": 1, "failures": {"a": "ValueError: update norm", "b": "x"}},
+               {"round": 2}, {"round": 3, "failures": {"a": "ValueError"}}]
+    assert quality.diagnostics(records, {})["skipped"] == 3
+    runs = [{"diagnostics": {"skipped": 3}}, {"diagnostics": {"skipped": 0}}]
+    assert quality.skipped_replies(runs) == 3
+    assert quality.skipped_replies([*runs, {"diagnostics": {"in_use": 3}}]) is None  # a run cached before the count
+    row = {"selected": "s", "mean": 0.8, "mean_std_over_seeds": 0.0, "worst": 0.7, "jain": 1.0, "bytes_per_round": 0,
+           "seconds_per_run": 1.0, "grid": {"lr=0.1": {"test_mean": 0.8, "val_mean": 0.8, "worst": 0.7, "skipped": 4},
+                                           "lr=0.05": {"test_mean": 0.8, "val_mean": 0.7, "worst": 0.7, "skipped": 0},
+                                           "lr=0.2": {"test_mean": 0.8, "val_mean": 0.7, "worst": 0.7}}}
+    md = quality.to_markdown({"description": "d", "command": "c", "seeds": [0], "rounds": 2, "metric": "accuracy", "machine": "m",
+                              "wall_seconds": 1.0, "methods": {"fedavg": row}})
+    assert "lr=0.1 0.800 / 0.800 / 0.700 (4 site replies skipped); lr=0.05 0.800 / 0.700 / 0.700; lr=0.2 0.800" in md

@@ -62,11 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Only one class is present")
     warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
     torch.set_num_threads(1)
-    dataset = q.DATASETS[args.dataset](args.data_dir.resolve(), False, argparse.Namespace(fmnist_root=None, fmnist_records=None))
-    rounds = args.rounds if args.rounds is not None else q.PROTOCOL_ROUNDS.get(dataset.name)
-    if rounds is not None:
-        dataset.base_overrides.append(f"run.rounds={rounds}")
-        dataset.config = dataset.with_overrides([])
+    dataset = q.protocol_dataset(args.dataset, args.data_dir, False, argparse.Namespace(fmnist_root=None, fmnist_records=None),
+                                 rounds=args.rounds)
     cache = args.cache_dir / q.result_name(dataset, False)
     pairs = pair_rows(q.method_grid(dataset, quick=False))
     tasks = [(cfg, seed) for pair in pairs for cfg in pair for seed in args.seeds]

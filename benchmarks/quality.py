@@ -37,7 +37,7 @@ Ditto                   λ ∈ {0.1, 1} × lr × {1, 2}
 FedAvg + FT             fine-tune epochs ∈ {1, 5} × lr × {1, 2}
 ======================  ============================================  ==================================
 
-``fedfew_ft``'s grid was fine-tune epochs ∈ {1, 5} × lr at the preset's μ = 0.1 until the five finished
+``fedfew_ft``'s grid was fine-tune epochs ∈ {1, 5} × lr at the preset's μ = 0.1 until the six finished
 grids showed what that cost: ``fedfew_ft`` trains exactly as FedFew at the same μ, lr and seed (the same K
 models; only the deployment differs), so ``benchmarks/finetune_effect.py`` reads fine-tuning's own effect
 off in pairs, and it was small (one epoch: −0.008 to +0.008 of test mean on Br35H 10 sites α 0.5 at 80
@@ -733,6 +733,17 @@ def machine() -> str:
             f"{platform.platform()}")
 
 
+def protocol_dataset(name: str, data_dir: Path, quick: bool, args: argparse.Namespace, *, rounds: int | None) -> Dataset:
+    """Data set ``name`` at the rounds a run of it uses: ``rounds`` if given, else (full runs) its
+    :data:`PROTOCOL_ROUNDS`, else its own config's."""
+    dataset = DATASETS[name](data_dir.resolve(), quick, args)
+    rounds = rounds if rounds is not None else (None if quick else PROTOCOL_ROUNDS.get(dataset.name))
+    if rounds is not None:
+        dataset.base_overrides.append(f"run.rounds={rounds}")
+        dataset.config = dataset.with_overrides([])
+    return dataset
+
+
 def grid_record(ks: Sequence[int]) -> dict[str, Any]:
     """The grids' values, as written into a results file (``fedfew_ft``: its knob and fine-tune epochs)."""
     return {"budget": BUDGET, "knob_lr_scale": KNOB_LR_SCALES, "lr_scale": LR_SCALES, "fedfew_mu": FEDFEW_MUS,
@@ -784,11 +795,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     ks = args.ks
     t0 = time.perf_counter()
-    dataset = DATASETS[args.dataset](args.data_dir.resolve(), args.quick, args)
-    rounds = args.rounds if args.rounds is not None else (None if args.quick else PROTOCOL_ROUNDS.get(dataset.name))
-    if rounds is not None:
-        dataset.base_overrides.append(f"run.rounds={rounds}")
-        dataset.config = dataset.with_overrides([])
+    dataset = protocol_dataset(args.dataset, args.data_dir, args.quick, args, rounds=args.rounds)
     if args.rounds_check:
         cache = None if args.no_cache else args.cache_dir / result_name(dataset, args.quick)
         rounds_check(dataset, seeds, cache, lambda m: print(m, flush=True), jobs=args.jobs, threads=args.threads)

@@ -37,18 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import (  # noqa: E402
-    DATASETS,
-    RESULTS,
-    ROOT,
-    Config,
-    aggregate,
-    algorithm_overrides,
-    machine,
-    recorded_command,
-    result_name,
-    run_one,
-)
+from quality_data import DATASETS, RESULTS, ROOT  # noqa: E402
+from quality_grid import Config, algorithm_overrides  # noqa: E402
+from quality_report import machine, recorded_command, result_name  # noqa: E402
+from quality_runs import aggregate, run_one  # noqa: E402
 
 from fedfew_med.algorithms.fedfew import PRESETS  # noqa: E402
 

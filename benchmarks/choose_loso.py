@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import DATASETS, RESULTS, ROOT, machine, recorded_command, result_name  # noqa: E402
+from quality_data import DATASETS, RESULTS, ROOT  # noqa: E402
+from quality_report import machine, recorded_command, result_name  # noqa: E402
 
 from fedfew_med.evaluation.choose import choose_for_site  # noqa: E402
 from fedfew_med.metrics import PRIMARY  # noqa: E402

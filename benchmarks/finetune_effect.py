@@ -4,7 +4,7 @@
 
 ``fedfew_ft`` trains exactly as FedFew does at the same μ, lr and seed (the same K models; only the
 deployment differs: one fine-tune epoch of the chosen model at the site), so each site's difference is the
-fine-tuning's effect alone. For every configuration of FedFew's protocol-2 grid (``quality.method_grid``)
+fine-tuning's effect alone. For every configuration of FedFew's protocol-2 grid (``quality_grid.method_grid``)
 both rows' runs are taken from ``quality.py``'s run cache (a missing run is made and cached, or with
 ``--cached-only`` reported as an error) and the script prints, per configuration, the paired bootstrap
 interval of ``fedfew_ft − FedFew`` over seeds × sites (test and validation means) and whether the two runs
@@ -26,10 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import quality as q  # noqa: E402
+from quality_data import DATASETS, ROOT, protocol_dataset  # noqa: E402
+from quality_grid import Config, method_grid  # noqa: E402
+from quality_report import paired_bootstrap, result_name  # noqa: E402
+from quality_runs import cache_key, run_config, run_many  # noqa: E402
 
 
-def pair_rows(grid: Sequence[q.Config]) -> list[tuple[q.Config, q.Config]]:
+def pair_rows(grid: Sequence[Config]) -> list[tuple[Config, Config]]:
     """(FedFew, fedfew_ft) configurations with the same setting (μ and lr)."""
     fedfew = {c.setting: c for c in grid if c.method == "fedfew K=3"}
     return [(fedfew[c.setting], c) for c in grid if c.method == "fedfew_ft K=3" and c.setting in fedfew]
@@ -37,7 +40,7 @@ def pair_rows(grid: Sequence[q.Config]) -> list[tuple[q.Config, q.Config]]:
 
 def effect(base: Sequence[dict[str, Any]], tuned: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Paired ``tuned − base`` (test, and validation as a plain mean) and whether each seed trained the same models."""
-    test = q.paired_bootstrap(tuned, base)
+    test = paired_bootstrap(tuned, base)
     val = statistics.fmean(t["val_mean"] - b["val_mean"] for t, b in zip(tuned, base, strict=True))
     diffs = [t["per_site"][s] - b["per_site"][s] for t, b in zip(tuned, base, strict=True) for s in b["per_site"]]
     return {"test": test, "val": val, "up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs), "sites": len(diffs),
@@ -51,28 +54,28 @@ def same_training(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, choices=list(q.DATASETS))
+    parser.add_argument("--dataset", required=True, choices=list(DATASETS))
     parser.add_argument("--rounds", type=int, default=None, help="as quality.py's (default: its PROTOCOL_ROUNDS or the data set's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--data-dir", type=Path, default=q.ROOT / "data")
-    parser.add_argument("--cache-dir", type=Path, default=q.ROOT / "runs" / "bench-cache")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "bench-cache")
     parser.add_argument("--cached-only", action="store_true", help="make no run: a run missing from the cache is an error")
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Only one class is present")
     warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
     torch.set_num_threads(1)
-    dataset = q.protocol_dataset(args.dataset, args.data_dir, False, argparse.Namespace(fmnist_root=None, fmnist_records=None),
+    dataset = protocol_dataset(args.dataset, args.data_dir, False, argparse.Namespace(fmnist_root=None, fmnist_records=None),
                                  rounds=args.rounds)
-    cache = args.cache_dir / q.result_name(dataset, False)
-    pairs = pair_rows(q.method_grid(dataset, quick=False))
+    cache = args.cache_dir / result_name(dataset, False)
+    pairs = pair_rows(method_grid(dataset, quick=False))
     tasks = [(cfg, seed) for pair in pairs for cfg in pair for seed in args.seeds]
     if args.cached_only:
         missing = [f"{c.method} {c.setting} seed {s}" for c, s in tasks
-                   if not (cache / f"{q.cache_key(dataset, q.run_config(dataset, c, s))}.json").is_file()]
+                   if not (cache / f"{cache_key(dataset, run_config(dataset, c, s))}.json").is_file()]
         if missing:
             raise SystemExit(f"{cache}: {len(missing)} run(s) not cached, e.g. {missing[0]} (unpack the records or drop --cached-only)")
-    runs = list(q.run_many(dataset, tasks, cache, jobs=args.jobs))
+    runs = list(run_many(dataset, tasks, cache, jobs=args.jobs))
     n = len(args.seeds)
     print(f"{dataset.description}, {dataset.config.run.rounds} rounds, seeds {args.seeds}: fedfew_ft (1 fine-tune epoch) − FedFew, "
           "same configuration, paired over seeds × sites")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import FEDFEW_ROWS, RESULTS, best_baseline  # noqa: E402  (the same choice as each data set's own summary)
+from quality_data import RESULTS  # noqa: E402
+from quality_report import FEDFEW_ROWS, best_baseline  # noqa: E402  (the same choice as each data set's own summary)
 
 
 def full_runs(results: Path) -> list[dict]:

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from headline import full_runs  # noqa: E402
-from quality import FEDFEW_ROWS as FEDFEW  # noqa: E402
-from quality import RESULTS  # noqa: E402
+from quality_data import RESULTS  # noqa: E402
+from quality_report import FEDFEW_ROWS as FEDFEW  # noqa: E402
 
 CONTEXT = ("local", "fedavg")
 GAP = 0.02  # a site this far below the best baseline is listed in the summary line

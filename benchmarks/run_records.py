@@ -10,7 +10,7 @@ finished runs on the next machine too: ``pack`` gathers a cache folder's records
     .venv/bin/python benchmarks/run_records.py pack quality_br35h-4-a0.1     # after some runs finished
     .venv/bin/python benchmarks/run_records.py unpack quality_br35h-4-a0.1   # on the next machine, before the grid
 
-The records are keyed exactly as the cache is (``quality.cache_key``: data set, whole resolved config,
+The records are keyed exactly as the cache is (``quality_runs.cache_key``: data set, whole resolved config,
 algorithm options, torch version), so an unpacked record is reused only by the run that made it. Both
 directions merge: existing entries are kept, and a record that differs from an existing one under the
 same key is an error (two machines disagreeing on one run), not a silent overwrite.

@@ -29,19 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import (  # noqa: E402
-    DATASETS,
-    RESULTS,
-    ROOT,
-    Config,
-    aggregate,
-    algorithm_overrides,
-    machine,
-    recorded_command,
-    result_name,
-    run_one,
-    write_results,
-)
+from quality_data import DATASETS, RESULTS, ROOT  # noqa: E402
+from quality_grid import Config, algorithm_overrides  # noqa: E402
+from quality_report import machine, recorded_command, result_name, write_results  # noqa: E402
+from quality_runs import aggregate, run_one  # noqa: E402
 
 from fedfew_med.metrics import PRIMARY  # noqa: E402
 

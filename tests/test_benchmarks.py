@@ -76,6 +76,17 @@ def test_quality_quick_on_tiny_fashion_mnist(tmp_path: Path) -> None:
     assert set(res["methods"]) == {"fedfew K=3", "fedavg"} and len(res["partition"]) == 20
 
 
+def test_ablation_quick_on_demo(tmp_path: Path) -> None:
+    args = ("--dataset", "demo", "--quick", "--rows", "reference", "default", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c"))
+    run_script("ablation.py", *args)
+    res = json.loads((tmp_path / "ablation_demo_quick.json").read_text())
+    assert list(res["rows"]) == ["reference", "default"]
+    for row in res["rows"].values():
+        assert len(row["per_seed"]) == 1 and 0 <= row["mean"] <= 1 and 1 <= row["in_use"] <= 3
+    assert res["rows"]["reference"]["overrides"] != res["rows"]["default"]["overrides"]
+    assert "| default |" in (tmp_path / "ablation_demo_quick.md").read_text()
+
+
 def test_sparse_quick(tmp_path: Path) -> None:
     run_script("sparse.py", "--dataset", "demo", "--quick", "--rounds", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c"))
     res = json.loads((tmp_path / "sparse_demo_quick.json").read_text())

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import finetune_effect  # noqa: E402
-import quality  # noqa: E402
+import quality_data  # noqa: E402
+import quality_grid  # noqa: E402
 
 from fedfew_med.config import load_federation  # noqa: E402
 
@@ -25,9 +26,9 @@ def _run(seed: int, per_site: dict[str, float], val: float, diagnostics: dict = 
 
 def test_every_fedfew_ft_configuration_is_paired_with_fedfew_s_same_setting() -> None:
     config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
-    grid = quality.method_grid(quality.Dataset("demo", config, [object()] * 6, "demo"), quick=False)  # type: ignore[list-item]
+    grid = quality_grid.method_grid(quality_data.Dataset("demo", config, [object()] * 6, "demo"), quick=False)  # type: ignore[list-item]
     pairs = finetune_effect.pair_rows(grid)
-    assert len(pairs) == quality.BUDGET
+    assert len(pairs) == quality_grid.BUDGET
     assert all(a.method == "fedfew K=3" and b.method == "fedfew_ft K=3" and a.setting == b.setting for a, b in pairs)
 
 

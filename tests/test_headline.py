@@ -43,14 +43,14 @@ def test_protocol_2_results_get_the_interval_table(tmp_path: Path) -> None:
         return [{"seed": s, "per_site": {"x": v, "y": v - 0.1}, "worst": v - 0.1, "mean": v - 0.05} for s, v in enumerate(values)]
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import quality
+    import quality_report
 
     methods = {"fedfew K=3": {**_row(0.80, 0.70, "mu=0.1"), "per_seed": runs([0.85, 0.85, 0.85])},
                "fedfew_ft K=3": {**_row(0.82, 0.72, "finetune_epochs=5"), "per_seed": runs([0.87, 0.87, 0.87])},
                "fedfew reference K=3": {**_row(0.60, 0.40, "mu=0.01"), "per_seed": runs([0.6, 0.6, 0.6])},
                "fedavg": {**_row(0.81, 0.71, "lr=0.02"), "per_seed": runs([0.86, 0.86, 0.86])}}
     res = {"description": "Data P", "metric": "accuracy", "seeds": [0, 1, 2], "protocol": 2, "methods": methods,
-           "comparison": quality.comparisons(methods)}
+           "comparison": quality_report.comparisons(methods)}
     (tmp_path / "quality_p.json").write_text(json.dumps(res))
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "headline.py"), "--results", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout

@@ -11,7 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import quality  # noqa: E402
+import quality_data  # noqa: E402
+import quality_grid  # noqa: E402
+import quality_report  # noqa: E402
+import quality_runs  # noqa: E402
 
 from fedfew_med.config import load_federation  # noqa: E402
 
@@ -23,7 +26,7 @@ def _run(seed: int, per_site: dict[str, float]) -> dict:
 def test_constant_difference_has_a_point_interval() -> None:
     a = [_run(s, {"x": 0.9, "y": 0.8}) for s in range(3)]
     b = [_run(s, {"x": 0.85, "y": 0.75}) for s in range(3)]
-    got = quality.paired_bootstrap(a, b, draws=2000)
+    got = quality_report.paired_bootstrap(a, b, draws=2000)
     assert got["mean"] == pytest.approx(0.05) and got["mean_ci"] == pytest.approx([0.05, 0.05])
     assert got["worst"] == pytest.approx(0.05) and got["worst_ci"] == pytest.approx([0.05, 0.05])
 
@@ -31,27 +34,27 @@ def test_constant_difference_has_a_point_interval() -> None:
 def test_site_resampling_by_hand() -> None:
     """One seed, two sites with differences 0 and 1: a draw's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4,
     so the 2.5 % and 97.5 % quantiles are 0 and 1, and about half the draws are 0.5."""
-    got = quality.paired_bootstrap([_run(0, {"x": 1.0, "y": 1.0})], [_run(0, {"x": 1.0, "y": 0.0})], draws=20000)
+    got = quality_report.paired_bootstrap([_run(0, {"x": 1.0, "y": 1.0})], [_run(0, {"x": 1.0, "y": 0.0})], draws=20000)
     assert got["mean"] == 0.5 and got["mean_ci"] == [0.0, 1.0]
 
 
 def test_pairs_are_matched_by_seed_not_by_order() -> None:
     a = [_run(s, {"x": 0.5 + 0.1 * s, "y": 0.4}) for s in range(3)]
     b = [_run(s, {"x": 0.5 + 0.1 * s, "y": 0.4}) for s in range(3)]
-    got = quality.paired_bootstrap(a, list(reversed(b)))
+    got = quality_report.paired_bootstrap(a, list(reversed(b)))
     assert got["mean"] == 0.0 and got["mean_ci"] == [0.0, 0.0]  # unpaired (by order) it would not be 0
 
 
 def test_every_method_gets_the_same_budget() -> None:
     config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
-    dataset = quality.Dataset("demo", config, [object()] * 6, "demo")  # type: ignore[list-item]
-    grid = quality.method_grid(dataset, quick=False)
+    dataset = quality_data.Dataset("demo", config, [object()] * 6, "demo")  # type: ignore[list-item]
+    grid = quality_grid.method_grid(dataset, quick=False)
     counts: dict[str, int] = {}
     for c in grid:
         counts[c.method] = counts.get(c.method, 0) + 1
     assert set(counts) == {"fedfew K=3", "fedfew_ft K=3", "fedfew reference K=3", "local", "fedavg", "fedprox", "ifca K=3",
                            "ditto", "fedavg_ft"}
-    assert set(counts.values()) == {quality.BUDGET}
+    assert set(counts.values()) == {quality_grid.BUDGET}
     assert len({c.overrides for c in grid}) == len(grid)  # no configuration twice
     reference = [c for c in grid if c.method == "fedfew reference K=3"]
     assert all("preset = \"reference\"" in c.overrides[1] for c in reference)
@@ -60,7 +63,7 @@ def test_every_method_gets_the_same_budget() -> None:
 def test_comparison_flags_a_match_only_when_both_intervals_reach_zero() -> None:
     fedfew = {"mean": 0.8, "per_seed": [_run(s, {"x": 0.8, "y": 0.7}) for s in range(3)]}
     better_mean_worse_worst = {"mean": 0.79, "per_seed": [_run(s, {"x": 0.88, "y": 0.7 + 0.001 * (s + 1)}) for s in range(3)]}
-    comp = quality.comparisons({"fedfew K=3": fedfew, "ditto": better_mean_worse_worst, "fedavg": better_mean_worse_worst})
+    comp = quality_report.comparisons({"fedfew K=3": fedfew, "ditto": better_mean_worse_worst, "fedavg": better_mean_worse_worst})
     assert comp["best_baseline"] in {"ditto", "fedavg"}
     assert comp["fedfew K=3"]["vs_best"]["worst_ci"][1] < 0 and not comp["fedfew K=3"]["matches"]
     assert comp["fedfew K=3"]["within_1pt_of_fedavg"]
@@ -79,31 +82,31 @@ def test_the_run_cache_key_follows_the_resolved_options(monkeypatch: pytest.Monk
     from fedfew_med.algorithms import fedfew
 
     config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
-    dataset = quality.Dataset("demo", config, [_Site("a"), _Site("b")], "demo")  # type: ignore[list-item]
+    dataset = quality_data.Dataset("demo", config, [_Site("a"), _Site("b")], "demo")  # type: ignore[list-item]
     fedavg = dataset.with_overrides(["algorithm.name='fedavg'", "algorithm.params={}"])
-    before = quality.cache_key(dataset, config), quality.cache_key(dataset, fedavg)
-    assert quality.cache_key(dataset, config) == before[0]  # stable
+    before = quality_runs.cache_key(dataset, config), quality_runs.cache_key(dataset, fedavg)
+    assert quality_runs.cache_key(dataset, config) == before[0]  # stable
     monkeypatch.setitem(fedfew.PRESETS, "default", {**fedfew.PRESETS["default"], "site_weights": "uniform"})
-    assert quality.cache_key(dataset, config) != before[0]
-    assert quality.cache_key(dataset, fedavg) == before[1]
+    assert quality_runs.cache_key(dataset, config) != before[0]
+    assert quality_runs.cache_key(dataset, fedavg) == before[1]
 
 
 def test_the_run_cache_key_ignores_the_device_but_not_the_arithmetic() -> None:
     """Keys made before [training] device / precision / one_pass existed stay valid: the defaults add nothing,
     the device (where a run computed) is left out, and a precision or one pass that changes the numbers is in."""
     config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
-    dataset = quality.Dataset("demo", config, [_Site("a"), _Site("b")], "demo")  # type: ignore[list-item]
-    key = quality.cache_key(dataset, config)
-    assert quality.cache_key(dataset, dataset.with_overrides(["training.device='cpu'"])) == key
-    assert quality.cache_key(dataset, dataset.with_overrides(["training.precision='32'", "training.one_pass=false"])) == key
-    assert quality.cache_key(dataset, dataset.with_overrides(["training.precision='bf16'"])) != key
-    assert quality.cache_key(dataset, dataset.with_overrides(["training.one_pass=true"])) != key
+    dataset = quality_data.Dataset("demo", config, [_Site("a"), _Site("b")], "demo")  # type: ignore[list-item]
+    key = quality_runs.cache_key(dataset, config)
+    assert quality_runs.cache_key(dataset, dataset.with_overrides(["training.device='cpu'"])) == key
+    assert quality_runs.cache_key(dataset, dataset.with_overrides(["training.precision='32'", "training.one_pass=false"])) == key
+    assert quality_runs.cache_key(dataset, dataset.with_overrides(["training.precision='bf16'"])) != key
+    assert quality_runs.cache_key(dataset, dataset.with_overrides(["training.one_pass=true"])) != key
 
 
 def test_a_recorded_command_leaves_out_where_files_are() -> None:
     argv = ["--dataset", "segmentation", "--data-dir", "/work/x/data", "--cache-dir=/c", "--rounds", "20", "--out", "/o",
             "--rows", "reference + re-seeding"]
-    assert quality.recorded_command("quality.py", argv) == \
+    assert quality_report.recorded_command("quality.py", argv) == \
         "`python benchmarks/quality.py --dataset segmentation --rounds 20 --rows 'reference + re-seeding'`"
 
 
@@ -111,15 +114,15 @@ def test_fedfew_ft_searches_fedfew_s_own_knob_with_one_fine_tune_epoch() -> None
     """fedfew_ft's 4 configurations are the FedFew row's (μ × lr), each deployed after one fine-tune epoch; at the
     preset's own μ the overrides are the earlier grid's (epochs knob, μ implicit), so cached runs stay valid."""
     config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
-    dataset = quality.Dataset("demo", config, [object()] * 6, "demo")  # type: ignore[list-item]
-    grid = quality.method_grid(dataset, quick=False)
+    dataset = quality_data.Dataset("demo", config, [object()] * 6, "demo")  # type: ignore[list-item]
+    grid = quality_grid.method_grid(dataset, quick=False)
     ft = [c for c in grid if c.method == "fedfew_ft K=3"]
     fedfew = [c for c in grid if c.method == "fedfew K=3"]
     assert [c.setting for c in ft] == [c.setting for c in fedfew]  # mu=0.1, lr=0.05; mu=0.1, lr=0.1; mu=0.3, ...
     assert ft[0].overrides == ("algorithm.name='fedfew_ft'", "algorithm.params={k = 3, finetune_epochs = 1}", "training.lr=0.05")
     assert ft[2].overrides[1] == "algorithm.params={k = 3, finetune_epochs = 1, mu = 0.3}"
     resolved = [dataset.with_overrides(c.overrides) for c in ft]
-    assert [quality.algorithm_options(c)["mu"] for c in resolved] == [0.1, 0.1, 0.3, 0.3]
+    assert [quality_runs.algorithm_options(c)["mu"] for c in resolved] == [0.1, 0.1, 0.3, 0.3]
 
 
 def _result(rows: dict[str, float], *, rounds: int = 40) -> dict:
@@ -127,7 +130,7 @@ def _result(rows: dict[str, float], *, rounds: int = 40) -> dict:
                for name, v in rows.items()}
     return {"rounds": rounds, "seeds": [0, 1, 2], "methods": methods, "machine": "m",
             "rounds_check": {"rounds": rounds, "gain": 0.001, "threshold": 0.01, "flat": True},
-            "comparison": quality.comparisons(methods) if "fedavg" in methods else {}}
+            "comparison": quality_report.comparisons(methods) if "fedavg" in methods else {}}
 
 
 def test_merging_a_rerun_row_replaces_it_in_place_and_recomputes_the_comparison() -> None:
@@ -135,7 +138,7 @@ def test_merging_a_rerun_row_replaces_it_in_place_and_recomputes_the_comparison(
     assert not res["comparison"]["fedfew_ft K=3"]["within_1pt_of_fedavg"]
     new = _result({"fedfew_ft K=3": 0.90})["methods"]
     new["fedfew_ft K=3"]["cached_runs"] = 3
-    got = quality.merge_rows(res, new, rounds=40, seeds=[0, 1, 2], where="f.json", update={"command": "c", "machine": "n"})
+    got = quality_report.merge_rows(res, new, rounds=40, seeds=[0, 1, 2], where="f.json", update={"command": "c", "machine": "n"})
     assert list(got["methods"]) == ["fedfew K=3", "fedfew_ft K=3", "fedavg", "ditto"]  # the replaced row keeps its place
     assert got["methods"]["fedfew_ft K=3"]["mean"] == 0.90 and got["methods"]["fedavg"] is res["methods"]["fedavg"]
     assert got["comparison"]["fedfew_ft K=3"]["within_1pt_of_fedavg"]
@@ -143,7 +146,7 @@ def test_merging_a_rerun_row_replaces_it_in_place_and_recomputes_the_comparison(
     assert got["run_seconds_total"] == 40.0 and got["cached_runs"] == 3
     assert got["rounds_check"] is res["rounds_check"] and got["machine"] == "m"
     assert got["updates"] == [{"command": "c", "machine": "n", "methods": ["fedfew_ft K=3"]}]
-    assert "Rerun later and merged into this grid: fedfew_ft K=3 (c; n)." in quality.to_markdown(
+    assert "Rerun later and merged into this grid: fedfew_ft K=3 (c; n)." in quality_report.to_markdown(
         {**got, "description": "d", "command": "c0", "metric": "accuracy", "wall_seconds": 1.0,
          "methods": {n: {**r, "selected": "s", "mean_std_over_seeds": 0.0, "worst": 0.0, "jain": 1.0, "bytes_per_round": 0,
                          "seconds_per_run": 1.0, "grid": {}} for n, r in got["methods"].items()}})
@@ -154,20 +157,20 @@ def test_merging_a_rerun_row_replaces_it_in_place_and_recomputes_the_comparison(
 def test_merging_rows_of_other_rounds_or_seeds_is_refused(rounds: int, seeds: list[int]) -> None:
     res = _result({"fedfew K=3": 0.80, "fedavg": 0.85})
     with pytest.raises(SystemExit, match=r"f\.json: its grid ran at 40 rounds on seeds \[0, 1, 2\]"):
-        quality.merge_rows(res, {}, rounds=rounds, seeds=seeds, where="f.json", update={})
+        quality_report.merge_rows(res, {}, rounds=rounds, seeds=seeds, where="f.json", update={})
 
 
 def test_skipped_site_replies_are_counted_from_the_rounds_failures_and_shown() -> None:
     records = [{"round": 0, "failures": {}}, {"round": 1, "failures": {"a": "ValueError: update norm", "b": "x"}},
                {"round": 2}, {"round": 3, "failures": {"a": "ValueError"}}]
-    assert quality.diagnostics(records, {})["skipped"] == 3
+    assert quality_runs.diagnostics(records, {})["skipped"] == 3
     runs = [{"diagnostics": {"skipped": 3}}, {"diagnostics": {"skipped": 0}}]
-    assert quality.skipped_replies(runs) == 3
-    assert quality.skipped_replies([*runs, {"diagnostics": {"in_use": 3}}]) is None  # a run cached before the count
+    assert quality_runs.skipped_replies(runs) == 3
+    assert quality_runs.skipped_replies([*runs, {"diagnostics": {"in_use": 3}}]) is None  # a run cached before the count
     row = {"selected": "s", "mean": 0.8, "mean_std_over_seeds": 0.0, "worst": 0.7, "jain": 1.0, "bytes_per_round": 0,
            "seconds_per_run": 1.0, "grid": {"lr=0.1": {"test_mean": 0.8, "val_mean": 0.8, "worst": 0.7, "skipped": 4},
                                            "lr=0.05": {"test_mean": 0.8, "val_mean": 0.7, "worst": 0.7, "skipped": 0},
                                            "lr=0.2": {"test_mean": 0.8, "val_mean": 0.7, "worst": 0.7}}}
-    md = quality.to_markdown({"description": "d", "command": "c", "seeds": [0], "rounds": 2, "metric": "accuracy", "machine": "m",
+    md = quality_report.to_markdown({"description": "d", "command": "c", "seeds": [0], "rounds": 2, "metric": "accuracy", "machine": "m",
                               "wall_seconds": 1.0, "methods": {"fedavg": row}})
     assert "lr=0.1 0.800 / 0.800 / 0.700 (4 site replies skipped); lr=0.05 0.800 / 0.700 / 0.700; lr=0.2 0.800" in md

@@ -1,0 +1,96 @@
+"""Protocol 2's grids: every method's configurations, the same budget for each (see :mod:`quality`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from quality_data import Dataset
+
+from fedfew_med.algorithms.fedfew import PRESETS as FEDFEW_PRESETS
+
+PROTOCOL = 2  # 1: FedFew (reference) tuned on μ only, baselines on a knob or lr; 2: every method, the same budget
+BUDGET = 4  # configurations per method
+KNOB_LR_SCALES = (1.0, 2.0)  # client lr × these, for a method with a knob of its own (2 knob values)
+LR_SCALES = (0.5, 1.0, 1.5, 2.0)  # client lr × these, for a method without one
+OLD_LR_SCALES = (0.5, 1.0, 2.0)
+FEDFEW_MUS = (0.1, 0.3)  # default preset: temperature over models, on the log loss (a relative gap)
+REFERENCE_MUS = (0.01, 0.1)  # reference preset: 0.01 is the authors' default
+PROX = (0.01, 0.1)
+DITTO = (0.1, 1.0)
+FT_EPOCHS = (1, 5)
+KS = (3,)
+REFERENCE_MU = 0.01  # the reference code's default, used by the lr ablation
+LR_ABLATION = f"ablation: fedfew K=3, mu={REFERENCE_MU}, lr grid"
+
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of a method's grid."""
+
+    method: str  # the row label, e.g. "fedfew K=3"
+    setting: str  # the tuned value, e.g. "mu=0.01"
+    overrides: tuple[str, ...]
+
+
+def algorithm_overrides(name: str, **params: Any) -> tuple[str, ...]:
+    """The ``--set``-style overrides that make a run use algorithm ``name`` with exactly ``params``."""
+    body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items())
+    return (f"algorithm.name='{name}'", f"algorithm.params={{{body}}}")
+
+
+def method_grid(dataset: Dataset, *, ks: Sequence[int] = (3,), quick: bool, lr_ablation: bool = False) -> list[Config]:
+    """Every method's configurations under protocol 2 (see the module docstring).
+
+    Each method gets :data:`BUDGET` configurations: its own knob (two values) × the client lr (× 1, × 2),
+    or, for a method without a knob of its own, four learning rates. ``ks`` adds FedFew (default preset)
+    and IFCA rows for other K (same budget each). With ``lr_ablation``, the earlier protocol's labelled row
+    (:data:`LR_ABLATION`) is added too; it never takes part in the headline.
+    """
+    lr = dataset.config.training.lr
+    m = len(dataset.sites)
+    pick: Callable[[Sequence[Any]], Sequence[Any]] = (lambda g: g[:1]) if quick else (lambda g: g)
+
+    def knob(method: str, name: str, key: str, values: Sequence[Any], **params: Any) -> list[Config]:
+        return [Config(method, f"{key}={v}, lr={lr * s:g}", (*algorithm_overrides(name, **params, **{key: v}), f"training.lr={lr * s}"))
+                for v in pick(values) for s in pick(KNOB_LR_SCALES)]
+
+    def lr_only(method: str, name: str, **params: Any) -> list[Config]:
+        return [Config(method, f"lr={lr * s:g}", (*algorithm_overrides(name, **params), f"training.lr={lr * s}")) for s in pick(LR_SCALES)]
+
+    out: list[Config] = []
+    for k in [k for k in ks if k <= m]:
+        out += knob(f"fedfew K={k}", "fedfew", "mu", FEDFEW_MUS, k=k)
+    if 3 <= m:
+        # FedFew's own knob, then one fine-tune epoch. μ equal to the preset's is left implicit: the same
+        # overrides as the earlier grid's (epochs knob at the preset's μ), so those runs keep their cache keys.
+        default_mu = FEDFEW_PRESETS["default"]["mu"]
+        out += [Config("fedfew_ft K=3", f"mu={v}, lr={lr * s:g}",
+                       (*algorithm_overrides("fedfew_ft", k=3, finetune_epochs=1, **({} if v == default_mu else {"mu": v})),
+                        f"training.lr={lr * s}"))
+                for v in pick(FEDFEW_MUS) for s in pick(KNOB_LR_SCALES)]
+        out += knob("fedfew reference K=3", "fedfew", "mu", REFERENCE_MUS, preset="reference", k=3)
+    out += lr_only("local", "local")
+    out += lr_only("fedavg", "fedavg")
+    out += knob("fedprox", "fedprox", "mu_prox", PROX)
+    for k in [k for k in ks if 2 <= k <= m]:
+        out += lr_only(f"ifca K={k}", "ifca", k=k)
+    out += knob("ditto", "ditto", "lam", DITTO)
+    out += knob("fedavg_ft", "fedavg_ft", "finetune_epochs", FT_EPOCHS)
+    if lr_ablation and 3 <= m:
+        out += [Config(LR_ABLATION, f"lr={lr * s:g}", (*algorithm_overrides("fedfew", preset="reference", k=3, mu=REFERENCE_MU), f"training.lr={lr * s}"))
+                for s in pick(OLD_LR_SCALES)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def grid_record(ks: Sequence[int]) -> dict[str, Any]:
+    """The grids' values, as written into a results file (``fedfew_ft``: its knob and fine-tune epochs)."""
+    return {"budget": BUDGET, "knob_lr_scale": KNOB_LR_SCALES, "lr_scale": LR_SCALES, "fedfew_mu": FEDFEW_MUS,
+            "reference_mu": REFERENCE_MUS, "mu_prox": PROX, "ditto_lam": DITTO, "finetune_epochs": FT_EPOCHS,
+            "fedfew_ft": {"mu": FEDFEW_MUS, "finetune_epochs": 1}, "k": list(ks)}

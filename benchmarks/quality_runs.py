@@ -1,0 +1,219 @@
+"""One benchmark run and a grid of them: the run cache, validation scoring, selection on validation, the rounds rule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Generator, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import torch
+from quality_data import Dataset
+from quality_grid import Config
+from run_pool import map_runs
+
+from fedfew_med import checkpoint
+from fedfew_med.config import MAX_ROUNDS, FederationConfig
+from fedfew_med.data import SiteData
+from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_metrics
+from fedfew_med.rundir import mean_alpha_max
+from fedfew_med.simulation import Federation, run
+from fedfew_med.training import SiteState
+
+CACHE_VERSION = 3  # 2: FedFew's defaults became preset "default"; 3: the key holds the resolved algorithm options
+ROUNDS_GAIN = 0.01  # rounds are enough when doubling them gains FedAvg less than this on the validation mean
+
+
+def validation_scores(config: FederationConfig, sites: Sequence[SiteData], run_dir: Path) -> dict[str, float]:
+    """Each site's primary metric on its validation slice, with the model it deploys at the end of the run.
+
+    The simulator records test metrics only; the final state is reloaded from the run's checkpoint and
+    scored here through the same deployment rule, so that tuning never looks at a test split.
+    """
+    ckpt = checkpoint.load(run_dir)
+    if ckpt is None:
+        raise RuntimeError(f"{run_dir} has no checkpoint")
+    fed = Federation(config, sites)
+    fed.server.models = ckpt.server_models
+    out = {}
+    for name, rt in fed.sites.items():
+        rt.state = ckpt.sites.get(name, SiteState())  # as the simulator restores it
+        work = rt.work(ckpt.round, rt.state.copy(), factory=rt.eval_work_factory)
+        dep = fed.server.algorithm.deploy(name, fed.server.models, work)
+        probs, targets = work.predict(dep.params, slot=dep.slot, split="val")
+        if fed.task == "segmentation":
+            metrics = segmentation_metrics(probs.argmax(dim=1, keepdim=True), targets, probs.shape[1])
+        else:
+            metrics = classification_metrics(probs.numpy(), targets.numpy())
+        out[name] = float(metrics[PRIMARY[fed.task]])
+    return out
+
+
+def algorithm_options(config: FederationConfig) -> dict[str, Any]:
+    """The algorithm's options as resolved (a preset's values filled in): what a run actually used."""
+    import dataclasses
+
+    from fedfew_med.algorithms import build_algorithm
+
+    options = build_algorithm(config.algorithm.name, config.algorithm.params).options  # type: ignore[attr-defined]
+    return dataclasses.asdict(options)
+
+
+def cache_key(dataset: Dataset, config: FederationConfig) -> str:
+    """What a run's result depends on: the data set (its sites), the whole run config and the algorithm's
+    resolved options (so a preset whose values change does not reuse runs made with the old values).
+
+    A run that evaluates only at its end is keyed with ``eval_every = 10**6``, however it is
+    written, as the first cached runs were (before [run].eval_every was bounded).
+    """
+    resolved = config.identity()  # the resolved config without where it ran (device) and the defaults added since v3
+    if resolved["run"]["eval_every"] >= resolved["run"]["rounds"]:
+        resolved["run"]["eval_every"] = 10**6
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    blob = json.dumps({"version": CACHE_VERSION, "dataset": dataset.name,
+                       "sites": [(s.name, s.size("train"), s.size("val"), s.size("test")) for s in dataset.sites],
+                       "meta": dataset.meta, "config": digest, "options": algorithm_options(config), "torch": torch.__version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def run_config(dataset: Dataset, cfg: Config, seed: int) -> FederationConfig:
+    """The whole config of one run (``cfg`` on ``seed``), evaluated only at its end; :func:`cache_key` keys it."""
+    return dataset.with_overrides([*cfg.overrides, f"run.seed={seed}", f"run.eval_every={MAX_ROUNDS}"])
+
+
+def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | None = None) -> dict[str, Any]:
+    """One run: test summary, per-site test and validation metrics, bytes per round, wall time.
+
+    With ``cache``, a finished run's result is kept as ``<cache>/<key>.json`` (key: :func:`cache_key`)
+    and reused, so a benchmark stopped after some configurations continues where it stopped, and
+    several invocations with disjoint ``--methods`` can share the work.
+    """
+    config = run_config(dataset, cfg, seed)
+    cached = cache / f"{cache_key(dataset, config)}.json" if cache is not None else None
+    if cached is not None and cached.is_file():
+        return {**json.loads(cached.read_text()), "cached": True}
+    out = _run_uncached(dataset, cfg, config, seed, tmp)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        part = cached.with_suffix(".part")
+        part.write_text(json.dumps(out) + "\n")  # without a "cached" flag: only reuse sets it
+        os.replace(part, cached)  # atomic: a killed benchmark never leaves half a result
+    return out
+
+
+def _run_uncached(dataset: Dataset, cfg: Config, config: FederationConfig, seed: int, tmp: Path) -> dict[str, Any]:
+    run_dir = tmp / f"{cfg.method}-{cfg.setting}-{seed}".replace(" ", "_").replace("=", "")
+    t = time.perf_counter()
+    result = run(config, run_dir=run_dir, sites=dataset.sites, overwrite=True)
+    seconds = time.perf_counter() - t
+    val = validation_scores(config, dataset.sites, run_dir)
+    traffic = result.summary["bytes_total"]
+    total_bytes = sum(b["sent"] + b["received"] for b in traffic.values())
+    return {
+        "seed": seed,
+        **result.summary["summary"],
+        "per_site": {s: v["metric"] for s, v in result.summary["per_site"].items()},
+        "val_mean": statistics.fmean(val.values()),
+        "val_per_site": val,
+        "bytes_per_round": total_bytes / max(result.rounds_completed, 1),
+        "seconds": seconds,
+        "diagnostics": diagnostics(result.records, result.summary),
+    }
+
+
+def diagnostics(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    """Collapse diagnostics of a run: mean of each round's largest α (None without α), models in use, spread,
+    re-seeds, and ``skipped``: site replies the server left out (a site that failed, e.g. an update over
+    ``[faults].max_update_norm``; the rounds' ``failures``), so a table says when a method trained on less."""
+    use = summary.get("model_use")
+    return {"alpha_max": mean_alpha_max(records),
+            "in_use": use["in_use"] if use else None, "spread": use["spread"] if use else None,
+            "reseeded": use["reseeded"] if use else None,
+            "skipped": sum(len(r.get("failures") or {}) for r in records)}
+
+
+def skipped_replies(runs: Sequence[dict[str, Any]]) -> int | None:
+    """Site replies skipped over ``runs`` (None when a run predates the count: cached before it was kept)."""
+    known = [r.get("diagnostics", {}).get("skipped") for r in runs]
+    return None if any(k is None for k in known) else sum(known)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    means = [r["mean"] for r in runs]
+    return {
+        "mean": statistics.fmean(means),
+        "mean_std_over_seeds": statistics.pstdev(means) if len(means) > 1 else 0.0,
+        "worst": statistics.fmean(r["worst"] for r in runs),
+        "jain": statistics.fmean(r["jain"] for r in runs),
+        "val_mean": statistics.fmean(r["val_mean"] for r in runs),
+        "bytes_per_round": statistics.fmean(r["bytes_per_round"] for r in runs),
+        "seconds_per_run": statistics.fmean(r["seconds"] for r in runs),
+    }
+
+
+def run_many(dataset: Dataset, tasks: Sequence[tuple[Config, int]], cache: Path | None, *, jobs: int = 1,
+             threads: int = 1) -> Generator[dict[str, Any], None, None]:
+    """:func:`run_one` for each (configuration, seed), in ``jobs`` forked processes (:mod:`run_pool`), in task order.
+
+    The runs' folders live in one temporary folder, removed when the generator is exhausted or closed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        yield from map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache), tasks, jobs=jobs, threads=threads)
+
+
+def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log: Callable[[str], None],
+             cache: Path | None = None, *, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
+    """Every configuration on every seed; per method the configuration with the best validation mean.
+
+    With ``jobs`` > 1 the runs go to that many forked processes (:mod:`run_pool`), ``threads`` torch
+    threads each; the results, and so the tables, are the same as in one process.
+    """
+    by_config: dict[Config, dict[str, Any]] = {}
+    with closing(run_many(dataset, [(cfg, seed) for cfg in grid for seed in seeds], cache, jobs=jobs, threads=threads)) as results:
+        for i, cfg in enumerate(grid):
+            runs = [next(results) for _ in seeds]
+            by_config[cfg] = {**aggregate(runs), "per_seed": runs}
+            row = by_config[cfg]
+            log(f"[{i + 1}/{len(grid)}] {cfg.method:<12} {cfg.setting:<20} test {row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} "
+                f"worst {row['worst']:.3f} val {row['val_mean']:.3f} ({row['seconds_per_run']:.1f} s/run)")
+    methods: dict[str, Any] = {}
+    for cfg, row in by_config.items():
+        best = methods.get(cfg.method)
+        if best is None or row["val_mean"] > best["val_mean"]:
+            methods[cfg.method] = {**row, "selected": cfg.setting}
+    for name, row in methods.items():
+        row["grid"] = {c.setting: {"test_mean": r["mean"], "val_mean": r["val_mean"], "worst": r["worst"],
+                                   "skipped": skipped_replies(r["per_seed"])}
+                       for c, r in by_config.items() if c.method == name}
+        runs = [x for c, r in by_config.items() if c.method == name for x in r["per_seed"]]
+        row["run_seconds"] = sum(x["seconds"] for x in runs)
+        row["cached_runs"] = sum(bool(x.get("cached")) for x in runs)
+    return methods
+
+
+
+def rounds_check(dataset: Dataset, seeds: Sequence[int], cache: Path | None, log: Callable[[str], None], *,
+                 jobs: int = 1, threads: int = 1) -> dict[str, Any]:
+    """The rounds rule: FedAvg (the data set's lr) at R and 2R rounds; R is enough when 2R gains < 1 point of validation.
+
+    Only validation is looked at. Runs are cached like every other run (``jobs``: as in :func:`run_grid`).
+    """
+    rounds = dataset.config.run.rounds
+    base = ("algorithm.name='fedavg'", "algorithm.params={}")
+    # 2R first: the longest runs start first when they run side by side
+    tasks = [(Config("rounds check", f"rounds={r}", (*base, f"run.rounds={r}")), s) for r in (2 * rounds, rounds) for s in seeds]
+    vals = [r["val_mean"] for r in run_many(dataset, tasks, cache, jobs=jobs, threads=threads)]
+    at = {2 * rounds: vals[:len(seeds)], rounds: vals[len(seeds):]}
+    v1, v2 = statistics.fmean(at[rounds]), statistics.fmean(at[2 * rounds])
+    out = {"rounds": rounds, "fedavg_val_mean": v1, "fedavg_val_mean_2x": v2, "gain": v2 - v1, "threshold": ROUNDS_GAIN,
+           "flat": v2 - v1 < ROUNDS_GAIN, "seeds": list(seeds)}
+    log(f"rounds check: FedAvg validation mean {v1:.3f} at {rounds} rounds, {v2:.3f} at {2 * rounds}: "
+        f"{'flat' if out['flat'] else 'NOT flat'} (gain {v2 - v1:+.3f}, rule < {ROUNDS_GAIN})")
+    return out

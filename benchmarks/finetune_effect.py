@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_data import DATASETS, ROOT, protocol_dataset  # noqa: E402
 from quality_grid import Config, method_grid  # noqa: E402
 from quality_report import paired_bootstrap, result_name  # noqa: E402
-from quality_runs import cache_key, run_config, run_many  # noqa: E402
+from quality_runs import cache_file, run_config, run_many  # noqa: E402
 
 
 def pair_rows(grid: Sequence[Config]) -> list[tuple[Config, Config]]:
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tasks = [(cfg, seed) for pair in pairs for cfg in pair for seed in args.seeds]
     if args.cached_only:
         missing = [f"{c.method} {c.setting} seed {s}" for c, s in tasks
-                   if not (cache / f"{cache_key(dataset, run_config(dataset, c, s))}.json").is_file()]
+                   if not cache_file(cache, dataset, run_config(dataset, c, s)).is_file()]
         if missing:
             raise SystemExit(f"{cache}: {len(missing)} run(s) not cached, e.g. {missing[0]} (unpack the records or drop --cached-only)")
     runs = list(run_many(dataset, tasks, cache, jobs=args.jobs))

@@ -73,7 +73,9 @@ shared, heavily loaded CPU cores with ``--threads 1``: ``heart`` full (35 config
 ``br35h-4-*`` about 125 min, ``br35h-10-*`` about 100 min each (two side by side), ``segmentation``
 27 min; the Fashion-MNIST grids need days on 2 cores and have not been run in full. ``--jobs 2`` runs
 two runs side by side (forked processes of ``--threads`` each, :mod:`run_pool`) with the same figures,
-so a one-thread grid does not leave the second core idle.
+so a one-thread grid does not leave the second core idle. While a grid runs it says how many of its runs
+the run cache holds, then after each run it makes that run's seconds and, at the pace so far, about how long
+the rest will take (``quality_runs.Pace``).
 
 This script is the command line; the protocol lives beside it, one part per module, shared with
 ``ablation.py``, ``sparse.py``, ``choose_loso.py``, ``finetune_effect.py``, ``headline.py`` and ``per_site.py``:

@@ -88,6 +88,40 @@ def run_config(dataset: Dataset, cfg: Config, seed: int) -> FederationConfig:
     return dataset.with_overrides([*cfg.overrides, f"run.seed={seed}", f"run.eval_every={MAX_ROUNDS}"])
 
 
+def cache_file(cache: Path, dataset: Dataset, config: FederationConfig) -> Path:
+    """Where the run cache keeps the result of the run ``config`` (``<cache>/<key>.json``, key: :func:`cache_key`)."""
+    return cache / f"{cache_key(dataset, config)}.json"
+
+
+class Pace:
+    """A grid's progress: runs made of those the cache did not hold, and the time the rest take at the pace so far.
+
+    Runs side by side (``--jobs``) are counted by wall time since the grid started, so the estimate
+    holds for any number of lanes; it assumes the runs left cost what the runs made did on average
+    (FedFew's K local trainings make its runs about K times a FedAvg run: an estimate, not a promise).
+    """
+
+    def __init__(self, to_make: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.to_make, self.made, self.clock, self.start = to_make, 0, clock, clock()
+
+    def step(self, result: dict[str, Any]) -> str | None:
+        """Count ``result``; the progress line to log after a run that was made (None for a cached one)."""
+        if result.get("cached"):
+            return None
+        self.made += 1
+        left = max(self.to_make - self.made, 0)
+        eta = (self.clock() - self.start) / self.made * left
+        return f"{self.made}/{self.to_make} runs made" + (f", about {duration(eta)} left at this pace" if left else "")
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a reader: ``45 s``, ``12 min``, ``3 h 05 min``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | None = None) -> dict[str, Any]:
     """One run: test summary, per-site test and validation metrics, bytes per round, wall time.
 
@@ -96,7 +130,7 @@ def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | N
     several invocations with disjoint ``--methods`` can share the work.
     """
     config = run_config(dataset, cfg, seed)
-    cached = cache / f"{cache_key(dataset, config)}.json" if cache is not None else None
+    cached = cache_file(cache, dataset, config) if cache is not None else None
     if cached is not None and cached.is_file():
         return {**json.loads(cached.read_text()), "cached": True}
     out = _run_uncached(dataset, cfg, config, seed, tmp)
@@ -176,9 +210,18 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
     threads each; the results, and so the tables, are the same as in one process.
     """
     by_config: dict[Config, dict[str, Any]] = {}
-    with closing(run_many(dataset, [(cfg, seed) for cfg in grid for seed in seeds], cache, jobs=jobs, threads=threads)) as results:
+    tasks = [(cfg, seed) for cfg in grid for seed in seeds]
+    held = sum(cache_file(cache, dataset, run_config(dataset, c, s)).is_file() for c, s in tasks) if cache is not None else 0
+    pace = Pace(len(tasks) - held)
+    log(f"{len(tasks)} runs, {held} of them in the run cache")
+    with closing(run_many(dataset, tasks, cache, jobs=jobs, threads=threads)) as results:
         for i, cfg in enumerate(grid):
-            runs = [next(results) for _ in seeds]
+            runs = []
+            for seed in seeds:
+                runs.append(next(results))
+                line = pace.step(runs[-1])
+                if line is not None:
+                    log(f"  {cfg.method} {cfg.setting} seed {seed}: {runs[-1]['seconds']:.0f} s; {line}")
             by_config[cfg] = {**aggregate(runs), "per_seed": runs}
             row = by_config[cfg]
             log(f"[{i + 1}/{len(grid)}] {cfg.method:<12} {cfg.setting:<20} test {row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} "
@@ -196,7 +239,6 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
         row["run_seconds"] = sum(x["seconds"] for x in runs)
         row["cached_runs"] = sum(bool(x.get("cached")) for x in runs)
     return methods
-
 
 
 def rounds_check(dataset: Dataset, seeds: Sequence[int], cache: Path | None, log: Callable[[str], None], *,

@@ -8,7 +8,8 @@ fine-tuning's effect alone. For every configuration of FedFew's protocol-2 grid 
 both rows' runs are taken from ``quality.py``'s run cache (a missing run is made and cached, or with
 ``--cached-only`` reported as an error) and the script prints, per configuration, the paired bootstrap
 interval of ``fedfew_ft − FedFew`` over seeds × sites (test and validation means) and whether the two runs
-trained the same models (their collapse diagnostics are compared: α, models in use, spread, re-seeds).
+trained the same models (their collapse diagnostics are compared: α, models in use, spread, re-seeds; a
+``fedfew_ft`` result made from FedFew's own run, as grids now make them, trained once and is said to).
 Nothing is written; the figures are printed.
 """
 
@@ -27,15 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_data import DATASETS, ROOT, protocol_dataset  # noqa: E402
-from quality_grid import Config, method_grid  # noqa: E402
+from quality_grid import finetune_twins, method_grid  # noqa: E402
 from quality_report import paired_bootstrap, result_name  # noqa: E402
 from quality_runs import cache_file, run_config, run_many  # noqa: E402
-
-
-def pair_rows(grid: Sequence[Config]) -> list[tuple[Config, Config]]:
-    """(FedFew, fedfew_ft) configurations with the same setting (μ and lr)."""
-    fedfew = {c.setting: c for c in grid if c.method == "fedfew K=3"}
-    return [(fedfew[c.setting], c) for c in grid if c.method == "fedfew_ft K=3" and c.setting in fedfew]
 
 
 def effect(base: Sequence[dict[str, Any]], tuned: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -44,7 +39,8 @@ def effect(base: Sequence[dict[str, Any]], tuned: Sequence[dict[str, Any]]) -> d
     val = statistics.fmean(t["val_mean"] - b["val_mean"] for t, b in zip(tuned, base, strict=True))
     diffs = [t["per_site"][s] - b["per_site"][s] for t, b in zip(tuned, base, strict=True) for s in b["per_site"]]
     return {"test": test, "val": val, "up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs), "sites": len(diffs),
-            "same_models": all(same_training(t["diagnostics"], b["diagnostics"]) for t, b in zip(tuned, base, strict=True))}
+            "same_models": all(same_training(t["diagnostics"], b["diagnostics"]) for t, b in zip(tuned, base, strict=True)),
+            "one_training": sum("training_of" in t for t in tuned)}  # seeds whose fedfew_ft came from FedFew's own run
 
 
 def same_training(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -68,14 +64,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     dataset = protocol_dataset(args.dataset, args.data_dir, False, argparse.Namespace(fmnist_root=None, fmnist_records=None),
                                  rounds=args.rounds)
     cache = args.cache_dir / result_name(dataset, False)
-    pairs = pair_rows(method_grid(dataset, quick=False))
+    pairs = list(finetune_twins(method_grid(dataset, quick=False)).items())
     tasks = [(cfg, seed) for pair in pairs for cfg in pair for seed in args.seeds]
     if args.cached_only:
         missing = [f"{c.method} {c.setting} seed {s}" for c, s in tasks
                    if not cache_file(cache, dataset, run_config(dataset, c, s)).is_file()]
         if missing:
             raise SystemExit(f"{cache}: {len(missing)} run(s) not cached, e.g. {missing[0]} (unpack the records or drop --cached-only)")
-    runs = list(run_many(dataset, tasks, cache, jobs=args.jobs))
+    runs = list(run_many(dataset, tasks, cache, jobs=args.jobs, twins=dict(pairs)))  # a missing pair trains once
     n = len(args.seeds)
     print(f"{dataset.description}, {dataset.config.run.rounds} rounds, seeds {args.seeds}: fedfew_ft (1 fine-tune epoch) − FedFew, "
           "same configuration, paired over seeds × sites")
@@ -86,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  {base_cfg.setting:<18} test {statistics.fmean(b['mean'] for b in base):.3f} -> "
               f"{statistics.fmean(x['mean'] for x in tuned):.3f}: {t['mean']:+.4f} [{t['mean_ci'][0]:+.4f}, {t['mean_ci'][1]:+.4f}], "
               f"worst {t['worst']:+.3f}; val {e['val']:+.4f}; sites up {e['up']}, down {e['down']} of {e['sites']}; "
-              f"same models: {'yes' if e['same_models'] else 'NO'}")
+              f"same models: {'yes' if e['same_models'] else 'NO'}"
+              + (f" ({e['one_training']} of {n} seeds trained once for both)" if e["one_training"] else ""))
 
 
 if __name__ == "__main__":

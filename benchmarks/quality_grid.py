@@ -89,6 +89,16 @@ def method_grid(dataset: Dataset, *, ks: Sequence[int] = (3,), quick: bool, lr_a
 # ------------------------------------------------------------------------------------------------ one run
 
 
+def finetune_twins(grid: Sequence[Config]) -> dict[Config, Config]:
+    """FedFew's configurations (default preset, K = 3) mapped to their ``fedfew_ft`` twins in ``grid``.
+
+    A twin has the same setting (μ and lr), so it trains exactly as its FedFew configuration does (the
+    same K models) and differs only at deployment, where the chosen model is fine-tuned.
+    """
+    fedfew = {c.setting: c for c in grid if c.method == "fedfew K=3"}
+    return {fedfew[c.setting]: c for c in grid if c.method == "fedfew_ft K=3" and c.setting in fedfew}
+
+
 def grid_record(ks: Sequence[int]) -> dict[str, Any]:
     """The grids' values, as written into a results file (``fedfew_ft``: its knob and fine-tune epochs)."""
     return {"budget": BUDGET, "knob_lr_scale": KNOB_LR_SCALES, "lr_scale": LR_SCALES, "fedfew_mu": FEDFEW_MUS,

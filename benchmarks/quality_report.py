@@ -38,10 +38,14 @@ def result_name(dataset: Dataset, quick: bool) -> str:
     return f"quality_{dataset.name}{'_quick' if quick else ''}"
 
 
+def baselines(methods: dict[str, Any]) -> list[str]:
+    """The rows of ``methods`` that are baselines (not a FedFew row, not an ablation row)."""
+    return [m for m in methods if not m.startswith("fedfew") and m != LR_ABLATION and not m.startswith("ablation")]
+
+
 def best_baseline(methods: dict[str, Any]) -> str:
     """The baseline with the highest test mean (a reader's 'best baseline', not a tuned choice)."""
-    return max((m for m in methods if not m.startswith("fedfew") and m != LR_ABLATION and not m.startswith("ablation")),
-               key=lambda m: methods[m]["mean"])
+    return max(baselines(methods), key=lambda m: methods[m]["mean"])
 
 
 def paired_bootstrap(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], *, draws: int = 10000,
@@ -81,7 +85,7 @@ def comparisons(methods: dict[str, Any]) -> dict[str, Any]:
     ``matches``: the interval of the difference reaches 0 or above on mean **and** worst site (not worse
     beyond noise); ``within_1pt_of_fedavg``: the mean is at most 1 point below FedAvg's.
     """
-    if not any(r in methods for r in FEDFEW_ROWS):
+    if not any(r in methods for r in FEDFEW_ROWS) or not baselines(methods):  # e.g. --methods fedfew fedfew_ft
         return {}
     best = best_baseline(methods)
     out: dict[str, Any] = {"best_baseline": best}

@@ -8,14 +8,14 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import torch
 from quality_data import Dataset
-from quality_grid import Config
+from quality_grid import Config, finetune_twins
 from run_pool import map_runs
 
 from fedfew_med import checkpoint
@@ -23,7 +23,7 @@ from fedfew_med.config import MAX_ROUNDS, FederationConfig
 from fedfew_med.data import SiteData
 from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_metrics
 from fedfew_med.rundir import mean_alpha_max
-from fedfew_med.simulation import Federation, run
+from fedfew_med.simulation import Federation, run, summarize_run
 from fedfew_med.training import SiteState
 
 CACHE_VERSION = 3  # 2: FedFew's defaults became preset "default"; 3: the key holds the resolved algorithm options
@@ -122,44 +122,90 @@ def duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | None = None) -> dict[str, Any]:
+def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | None = None,
+            twin: Config | None = None) -> dict[str, Any]:
     """One run: test summary, per-site test and validation metrics, bytes per round, wall time.
 
     With ``cache``, a finished run's result is kept as ``<cache>/<key>.json`` (key: :func:`cache_key`)
     and reused, so a benchmark stopped after some configurations continues where it stopped, and
     several invocations with disjoint ``--methods`` can share the work.
+
+    ``twin``: a configuration that trains exactly as ``cfg`` and only deploys otherwise (``fedfew_ft`` at
+    FedFew's μ and lr: :func:`quality_grid.finetune_twins`). When ``cfg`` is run, the twin's result is made
+    from the same training, its own deployment applied to the final checkpoint (:func:`_redeploy`), and
+    cached under the twin's own key, so a grid trains once for both rows.
     """
     config = run_config(dataset, cfg, seed)
     cached = cache_file(cache, dataset, config) if cache is not None else None
     if cached is not None and cached.is_file():
         return {**json.loads(cached.read_text()), "cached": True}
-    out = _run_uncached(dataset, cfg, config, seed, tmp)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        part = cached.with_suffix(".part")
-        part.write_text(json.dumps(out) + "\n")  # without a "cached" flag: only reuse sets it
-        os.replace(part, cached)  # atomic: a killed benchmark never leaves half a result
-    return out
-
-
-def _run_uncached(dataset: Dataset, cfg: Config, config: FederationConfig, seed: int, tmp: Path) -> dict[str, Any]:
     run_dir = tmp / f"{cfg.method}-{cfg.setting}-{seed}".replace(" ", "_").replace("=", "")
     t = time.perf_counter()
     result = run(config, run_dir=run_dir, sites=dataset.sites, overwrite=True)
-    seconds = time.perf_counter() - t
+    out = _result(dataset, config, run_dir, result.summary, result.records, time.perf_counter() - t)
+    if cached is not None:
+        _keep(cached, out)
+        if twin is not None:
+            twin_config = run_config(dataset, twin, seed)
+            twin_file = cache_file(cache, dataset, twin_config)
+            if not twin_file.is_file():
+                _keep(twin_file, {**_redeploy(dataset, twin_config, run_dir, result.records, out["seconds"]),
+                                  "training_of": cached.stem})
+    return out
+
+
+def _keep(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` to the run cache at ``path``, atomically (a killed benchmark never leaves half a result)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps(result) + "\n")  # without a "cached" flag: only reuse sets it
+    os.replace(part, path)
+
+
+def _result(dataset: Dataset, config: FederationConfig, run_dir: Path, summary: dict[str, Any],
+            records: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """A run's entry: its summary's figures, validation scores from its final checkpoint, traffic, diagnostics."""
     val = validation_scores(config, dataset.sites, run_dir)
-    traffic = result.summary["bytes_total"]
-    total_bytes = sum(b["sent"] + b["received"] for b in traffic.values())
+    total_bytes = sum(b["sent"] + b["received"] for b in summary["bytes_total"].values())
     return {
-        "seed": seed,
-        **result.summary["summary"],
-        "per_site": {s: v["metric"] for s, v in result.summary["per_site"].items()},
+        "seed": config.run.seed,
+        **summary["summary"],
+        "per_site": {s: v["metric"] for s, v in summary["per_site"].items()},
         "val_mean": statistics.fmean(val.values()),
         "val_per_site": val,
-        "bytes_per_round": total_bytes / max(result.rounds_completed, 1),
+        "bytes_per_round": total_bytes / max(len(records), 1),
         "seconds": seconds,
-        "diagnostics": diagnostics(result.records, result.summary),
+        "diagnostics": diagnostics(records, summary),
     }
+
+
+def _redeploy(dataset: Dataset, config: FederationConfig, run_dir: Path, records: Sequence[dict[str, Any]],
+              training_seconds: float) -> dict[str, Any]:
+    """The result of run ``config`` made from another run's training (``run_dir``, its ``records``).
+
+    Only for a ``config`` that trains exactly as that run did: the final checkpoint's models and site
+    states are restored under ``config``'s algorithm, whose deployment then scores every site, as the
+    simulator's last evaluation and :func:`validation_scores` would at the end of ``config``'s own run.
+    ``seconds`` is the training's plus this deployment's.
+    """
+    t = time.perf_counter()
+    ckpt = checkpoint.load(run_dir)
+    if ckpt is None or ckpt.round != config.run.rounds - 1:
+        raise RuntimeError(f"{run_dir}: no final checkpoint to deploy from")
+    fed = Federation(config, dataset.sites)
+    try:
+        fed.server.models = ckpt.server_models
+        for name, rt in fed.sites.items():
+            rt.state = ckpt.sites.get(name, SiteState())
+        fed.server.algorithm.load_server_state(ckpt.state.get("algorithm", {}))
+        evaluation, failures = fed.evaluate(ckpt.round)
+    finally:
+        fed.close()
+    if failures:
+        raise RuntimeError(f"{run_dir}: deploying under {config.algorithm.name} failed at {failures}")
+    summary = summarize_run(fed, records, evaluation)
+    out = _result(dataset, config, run_dir, summary, records, 0.0)
+    return {**out, "seconds": training_seconds + time.perf_counter() - t}
 
 
 def diagnostics(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
@@ -193,13 +239,16 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_many(dataset: Dataset, tasks: Sequence[tuple[Config, int]], cache: Path | None, *, jobs: int = 1,
-             threads: int = 1) -> Generator[dict[str, Any], None, None]:
+             threads: int = 1, twins: Mapping[Config, Config] | None = None) -> Generator[dict[str, Any], None, None]:
     """:func:`run_one` for each (configuration, seed), in ``jobs`` forked processes (:mod:`run_pool`), in task order.
 
+    ``twins`` maps a configuration to the one whose result its training also gives (:func:`run_one`).
     The runs' folders live in one temporary folder, removed when the generator is exhausted or closed.
     """
+    pairs = twins or {}
     with tempfile.TemporaryDirectory() as tmp:
-        yield from map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache), tasks, jobs=jobs, threads=threads)
+        yield from map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache, pairs.get(task[0])), tasks,
+                            jobs=jobs, threads=threads)
 
 
 def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log: Callable[[str], None],
@@ -211,10 +260,14 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
     """
     by_config: dict[Config, dict[str, Any]] = {}
     tasks = [(cfg, seed) for cfg in grid for seed in seeds]
-    held = sum(cache_file(cache, dataset, run_config(dataset, c, s)).is_file() for c, s in tasks) if cache is not None else 0
-    pace = Pace(len(tasks) - held)
-    log(f"{len(tasks)} runs, {held} of them in the run cache")
-    with closing(run_many(dataset, tasks, cache, jobs=jobs, threads=threads)) as results:
+    twins = finetune_twins(grid) if cache is not None else {}  # a twin's result goes through the cache
+    held = {(c, s) for c, s in tasks if cache is not None and cache_file(cache, dataset, run_config(dataset, c, s)).is_file()}
+    made_from = {twin: base for base, twin in twins.items()}
+    shared = [(c, s) for c, s in tasks if (c, s) not in held and c in made_from and (made_from[c], s) not in held]
+    pace = Pace(len(tasks) - len(held) - len(shared))
+    log(f"{len(tasks)} runs: {len(held)} in the run cache, {len(shared)} to come from another row's training "
+        f"(fedfew_ft from FedFew's), {pace.to_make} to make")
+    with closing(run_many(dataset, tasks, cache, jobs=jobs, threads=threads, twins=twins)) as results:
         for i, cfg in enumerate(grid):
             runs = []
             for seed in seeds:

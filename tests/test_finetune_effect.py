@@ -24,10 +24,10 @@ def _run(seed: int, per_site: dict[str, float], val: float, diagnostics: dict = 
             "val_mean": val, "diagnostics": diagnostics}
 
 
-def test_every_fedfew_ft_configuration_is_paired_with_fedfew_s_same_setting() -> None:
+def test_every_fedfew_ft_configuration_is_the_twin_of_fedfew_s_same_setting() -> None:
     config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
     grid = quality_grid.method_grid(quality_data.Dataset("demo", config, [object()] * 6, "demo"), quick=False)  # type: ignore[list-item]
-    pairs = finetune_effect.pair_rows(grid)
+    pairs = list(quality_grid.finetune_twins(grid).items())
     assert len(pairs) == quality_grid.BUDGET
     assert all(a.method == "fedfew K=3" and b.method == "fedfew_ft K=3" and a.setting == b.setting for a, b in pairs)
 

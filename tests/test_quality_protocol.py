@@ -193,3 +193,31 @@ def test_a_grid_s_pace_counts_made_runs_only_and_estimates_the_rest_from_wall_ti
                                                (29_000, "8 h 03 min")])
 def test_durations_read_as_seconds_minutes_or_hours(seconds: float, text: str) -> None:
     assert quality_runs.duration(seconds) == text
+
+
+def test_without_a_baseline_row_there_is_nothing_to_compare() -> None:
+    fedfew = {"mean": 0.8, "per_seed": [_run(s, {"x": 0.8, "y": 0.7}) for s in range(3)]}
+    assert quality_report.comparisons({"fedfew K=3": fedfew, "fedfew_ft K=3": fedfew}) == {}  # --methods fedfew fedfew_ft
+
+
+def test_a_fedfew_ft_twin_made_from_fedfew_s_training_equals_its_own_run(tmp_path: Path) -> None:
+    """One training for both rows: fedfew_ft's result, made from FedFew's final checkpoint, is the one its own run gives."""
+    from fedfew_med.config import federation_from_dict
+    from fedfew_med.data import build_sites
+
+    from .conftest import tiny_dict
+
+    config = federation_from_dict(tiny_dict(run={"rounds": 3}, data={"params": {"num_sites": 3, "image_size": 16, "train_min": 40,
+                                                                                "train_max": 48, "test_per_site": 12, "seed": 2}}))
+    dataset = quality_data.Dataset("tiny", config, build_sites(config.data), "tiny")
+    fedfew = quality_grid.Config("fedfew K=3", "mu=0.1", quality_grid.algorithm_overrides("fedfew", k=2, mu=0.1))
+    ft = quality_grid.Config("fedfew_ft K=3", "mu=0.1", quality_grid.algorithm_overrides("fedfew_ft", k=2, mu=0.1, finetune_epochs=1))
+    twins = quality_grid.finetune_twins([fedfew, ft])
+    assert twins == {fedfew: ft}
+    base, derived = quality_runs.run_many(dataset, [(fedfew, 0), (ft, 0)], tmp_path / "shared", twins=twins)
+    own, = quality_runs.run_many(dataset, [(ft, 0)], tmp_path / "alone")
+    assert derived["cached"] and derived["training_of"] == quality_runs.cache_key(dataset, quality_runs.run_config(dataset, fedfew, 0))
+    assert "training_of" not in own and not own.get("cached")
+    drop = ("seconds", "cached", "training_of")
+    assert {k: v for k, v in derived.items() if k not in drop} == {k: v for k, v in own.items() if k not in drop}
+    assert derived["per_site"] != base["per_site"] or derived["val_per_site"] != base["val_per_site"]  # fine-tuning did deploy

@@ -119,6 +119,11 @@ def to_markdown(res: dict[str, Any]) -> str:
     for name, row in methods.items():
         lines.append(f"| {name} | {row['selected']} | {row['mean']:.3f} ± {row['mean_std_over_seeds']:.3f} | {row['worst']:.3f} | "
                      f"{row['jain']:.3f} | {row['bytes_per_round'] / 1e3:,.0f} kB | {row['seconds_per_run']:.1f} |")
+    shared = {n: r["shared_training_runs"] for n, r in methods.items() if r.get("shared_training_runs")}
+    if shared:
+        lines += ["", "Trained once for two rows: " + "; ".join(
+            f"{n} ({k} run{'s' if k != 1 else ''}) from FedFew's runs of the same configuration and seed" for n, k in shared.items())
+                  + " (only the deployment differs; its s/run includes that training, the run time above counts it once)."]
     if res.get("published"):
         lines += ["", "Published (FLamby, du Terrail et al. 2022, Table 3 — not measured here):", "",
                   "| strategy | mean accuracy (published) |", "|---|---|"]

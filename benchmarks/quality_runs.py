@@ -289,9 +289,20 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
                                    "skipped": skipped_replies(r["per_seed"])}
                        for c, r in by_config.items() if c.method == name}
         runs = [x for c, r in by_config.items() if c.method == name for x in r["per_seed"]]
-        row["run_seconds"] = sum(x["seconds"] for x in runs)
+        # a twin's seconds include the training its FedFew run already counts: the row's machine time leaves it out
+        row["run_seconds"] = sum(x["seconds"] for x in runs) - sum(
+            _base_seconds(by_config, made_from, c, x) for c, r in by_config.items() if c.method == name for x in r["per_seed"])
         row["cached_runs"] = sum(bool(x.get("cached")) for x in runs)
+        row["shared_training_runs"] = sum("training_of" in x for x in runs)
     return methods
+
+
+def _base_seconds(by_config: Mapping[Config, dict[str, Any]], made_from: Mapping[Config, Config], cfg: Config,
+                  result: dict[str, Any]) -> float:
+    """The training seconds inside ``result`` (a run of ``cfg``) that its FedFew twin's run already counts, else 0."""
+    base = by_config.get(made_from[cfg]) if "training_of" in result and cfg in made_from else None
+    same_seed = [b["seconds"] for b in base["per_seed"] if b["seed"] == result["seed"]] if base else []
+    return same_seed[0] if same_seed else 0.0
 
 
 def rounds_check(dataset: Dataset, seeds: Sequence[int], cache: Path | None, log: Callable[[str], None], *,

@@ -214,8 +214,14 @@ def test_a_fedfew_ft_twin_made_from_fedfew_s_training_equals_its_own_run(tmp_pat
     ft = quality_grid.Config("fedfew_ft K=3", "mu=0.1", quality_grid.algorithm_overrides("fedfew_ft", k=2, mu=0.1, finetune_epochs=1))
     twins = quality_grid.finetune_twins([fedfew, ft])
     assert twins == {fedfew: ft}
-    base, derived = quality_runs.run_many(dataset, [(fedfew, 0), (ft, 0)], tmp_path / "shared", twins=twins)
+    rows = quality_runs.run_grid(dataset, [fedfew, ft], [0], lambda line: None, tmp_path / "shared")
+    (base,), (derived,) = rows["fedfew K=3"]["per_seed"], rows["fedfew_ft K=3"]["per_seed"]
     own, = quality_runs.run_many(dataset, [(ft, 0)], tmp_path / "alone")
+    assert rows["fedfew_ft K=3"]["shared_training_runs"] == 1
+    assert rows["fedfew_ft K=3"]["run_seconds"] == pytest.approx(derived["seconds"] - base["seconds"])  # the training counted once
+    md = quality_report.to_markdown({"description": "d", "command": "c", "seeds": [0], "rounds": 3, "metric": "accuracy", "machine": "m",
+                                     "wall_seconds": 1.0, "methods": rows})
+    assert "Trained once for two rows: fedfew_ft K=3 (1 run) from FedFew's runs" in md
     assert derived["cached"] and derived["training_of"] == quality_runs.cache_key(dataset, quality_runs.run_config(dataset, fedfew, 0))
     assert "training_of" not in own and not own.get("cached")
     drop = ("seconds", "cached", "training_of")

@@ -33,7 +33,7 @@ from speed import _median_round  # noqa: E402
 from fedfew_med.config import load_federation  # noqa: E402
 from fedfew_med.simulation import run  # noqa: E402
 
-FEDERATIONS = {
+FEDERATIONS: dict[str, tuple[Path, list[str]]] = {  # name -> (federation file, --set overrides)
     "segmentation": (ROOT / "site_configs" / "synthetic_segmentation.toml", []),
     "br35h": (ROOT / "site_configs" / "br35h_federation.toml", []),
 }

@@ -143,7 +143,7 @@ def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | N
     t = time.perf_counter()
     result = run(config, run_dir=run_dir, sites=dataset.sites, overwrite=True)
     out = _result(dataset, config, run_dir, result.summary, result.records, time.perf_counter() - t)
-    if cached is not None:
+    if cache is not None and cached is not None:
         _keep(cached, out)
         if twin is not None:
             twin_config = run_config(dataset, twin, seed)

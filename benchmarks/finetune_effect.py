@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    if not cache_file(cache, dataset, run_config(dataset, c, s)).is_file()]
         if missing:
             raise SystemExit(f"{cache}: {len(missing)} run(s) not cached, e.g. {missing[0]} (unpack the records or drop --cached-only)")
-    runs = list(run_many(dataset, tasks, cache, jobs=args.jobs, twins=dict(pairs)))  # a missing pair trains once
+    runs = list(run_many(dataset, tasks, cache, jobs=args.jobs, twins={b: [t] for b, t in pairs}))  # a missing pair trains once
     n = len(args.seeds)
     print(f"{dataset.description}, {dataset.config.run.rounds} rounds, seeds {args.seeds}: fedfew_ft (1 fine-tune epoch) − FedFew, "
           "same configuration, paired over seeds × sites")

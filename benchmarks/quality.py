@@ -75,13 +75,15 @@ shared, heavily loaded CPU cores with ``--threads 1``: ``heart`` full (35 config
 two runs side by side (forked processes of ``--threads`` each, :mod:`run_pool`) with the same figures,
 so a one-thread grid does not leave the second core idle. While a grid runs it says how many of its runs
 the run cache holds, then after each run it makes that run's seconds and, at the pace so far, about how long
-the rest will take (``quality_runs.Pace``). FedFew trains once for two rows: each FedFew run's final
-checkpoint also gives the result of its ``fedfew_ft`` twin (same μ, lr and seed; only the deployment, one
-fine-tune epoch, differs), cached under the twin's own key with ``training_of`` naming the run it came
-from (``quality_runs.run_one``). That result equals the twin's own run: a test checks it on a tiny
-federation, and Heart's three μ 0.1, lr 0.01 twins made this way equal the committed grid's own runs in
-every per-site test and validation figure. It saves 12 of a grid's 108 trainings (on Br35H 10 sites at 320
-rounds about 3 h of run time, 1.5 h on the 2 cores).
+the rest will take (``quality_runs.Pace``). A run that trains exactly as another
+and differs only at deployment is not trained again (``quality_grid.deployment_twins``): each FedFew run's
+final checkpoint also gives the result of its ``fedfew_ft`` twin (same μ, lr and seed; one fine-tune
+epoch at deployment), and each FedAvg run at lr × 1 or × 2 those of FedAvg + FT at that lr (1 and 5
+fine-tune epochs), cached under the twins' own keys with ``training_of`` naming the run they came from
+(``quality_runs.run_one``). Those results equal the twins' own runs: tests check it on a tiny federation,
+and on Heart the 3 ``fedfew_ft`` (μ 0.1, lr 0.01) and 12 FedAvg + FT runs made this way equal the runs
+made on their own in every per-site test and validation figure (and the committed grid's). It saves 24 of
+a grid's 108 trainings (on Br35H 10 sites at 320 rounds about 4 h of run time, 2 h on the 2 cores).
 
 This script is the command line; the protocol lives beside it, one part per module, shared with
 ``ablation.py``, ``sparse.py``, ``choose_loso.py``, ``finetune_effect.py``, ``headline.py`` and ``per_site.py``:

@@ -99,6 +99,26 @@ def finetune_twins(grid: Sequence[Config]) -> dict[Config, Config]:
     return {fedfew[c.setting]: c for c in grid if c.method == "fedfew_ft K=3" and c.setting in fedfew}
 
 
+def deployment_twins(grid: Sequence[Config]) -> dict[Config, list[Config]]:
+    """Configurations of ``grid`` that train exactly as another of its configurations, by the one that trains them.
+
+    They differ from it only at deployment: ``fedfew_ft`` fine-tunes the chosen model after training as
+    FedFew does at the same μ and lr (:func:`finetune_twins`); FedAvg + FT, for either number of fine-tune
+    epochs, fine-tunes the global model after training as FedAvg does at the same lr.
+    """
+    out = {base: [twin] for base, twin in finetune_twins(grid).items()}
+    fedavg = {_lr(c): c for c in grid if c.method == "fedavg"}
+    for c in grid:
+        if c.method == "fedavg_ft" and _lr(c) in fedavg:
+            out.setdefault(fedavg[_lr(c)], []).append(c)
+    return out
+
+
+def _lr(cfg: Config) -> str:
+    """The ``training.lr=...`` override of ``cfg`` (every grid configuration has one)."""
+    return next(o for o in cfg.overrides if o.startswith("training.lr="))
+
+
 def grid_record(ks: Sequence[int]) -> dict[str, Any]:
     """The grids' values, as written into a results file (``fedfew_ft``: its knob and fine-tune epochs)."""
     return {"budget": BUDGET, "knob_lr_scale": KNOB_LR_SCALES, "lr_scale": LR_SCALES, "fedfew_mu": FEDFEW_MUS,

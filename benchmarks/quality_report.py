@@ -121,9 +121,10 @@ def to_markdown(res: dict[str, Any]) -> str:
                      f"{row['jain']:.3f} | {row['bytes_per_round'] / 1e3:,.0f} kB | {row['seconds_per_run']:.1f} |")
     shared = {n: r["shared_training_runs"] for n, r in methods.items() if r.get("shared_training_runs")}
     if shared:
-        lines += ["", "Trained once for two rows: " + "; ".join(
-            f"{n} ({k} run{'s' if k != 1 else ''}) from FedFew's runs of the same configuration and seed" for n, k in shared.items())
-                  + " (only the deployment differs; its s/run includes that training, the run time above counts it once)."]
+        made = "; ".join(f"{n} ({k} run{'s' if k != 1 else ''})" for n, k in shared.items())
+        lines += ["", f"Made from another row's training: {made}. Each such run is the run of the same seed that trains as it "
+                  "does (fedfew_ft: FedFew at its μ and lr; FedAvg + FT: FedAvg at its lr) with its own deployment applied; "
+                  "its s/run includes that training, the run time above counts it once."]
     if res.get("published"):
         lines += ["", "Published (FLamby, du Terrail et al. 2022, Table 3 — not measured here):", "",
                   "| strategy | mean accuracy (published) |", "|---|---|"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from quality_data import Dataset
-from quality_grid import Config, finetune_twins
+from quality_grid import Config, deployment_twins
 from run_pool import map_runs
 
 from fedfew_med import checkpoint
@@ -123,17 +123,17 @@ def duration(seconds: float) -> str:
 
 
 def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | None = None,
-            twin: Config | None = None) -> dict[str, Any]:
+            twins: Sequence[Config] = ()) -> dict[str, Any]:
     """One run: test summary, per-site test and validation metrics, bytes per round, wall time.
 
     With ``cache``, a finished run's result is kept as ``<cache>/<key>.json`` (key: :func:`cache_key`)
     and reused, so a benchmark stopped after some configurations continues where it stopped, and
     several invocations with disjoint ``--methods`` can share the work.
 
-    ``twin``: a configuration that trains exactly as ``cfg`` and only deploys otherwise (``fedfew_ft`` at
-    FedFew's μ and lr: :func:`quality_grid.finetune_twins`). When ``cfg`` is run, the twin's result is made
-    from the same training, its own deployment applied to the final checkpoint (:func:`_redeploy`), and
-    cached under the twin's own key, so a grid trains once for both rows.
+    ``twins``: configurations that train exactly as ``cfg`` and only deploy otherwise (``fedfew_ft`` at
+    FedFew's μ and lr, FedAvg + FT at FedAvg's lr: :func:`quality_grid.deployment_twins`). When ``cfg`` is
+    run, each twin's result is made from the same training, its own deployment applied to the final
+    checkpoint (:func:`_redeploy`), and cached under the twin's own key, so a grid trains once for them all.
     """
     config = run_config(dataset, cfg, seed)
     cached = cache_file(cache, dataset, config) if cache is not None else None
@@ -145,7 +145,7 @@ def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | N
     out = _result(dataset, config, run_dir, result.summary, result.records, time.perf_counter() - t)
     if cache is not None and cached is not None:
         _keep(cached, out)
-        if twin is not None:
+        for twin in twins:
             twin_config = run_config(dataset, twin, seed)
             twin_file = cache_file(cache, dataset, twin_config)
             if not twin_file.is_file():
@@ -239,7 +239,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_many(dataset: Dataset, tasks: Sequence[tuple[Config, int]], cache: Path | None, *, jobs: int = 1,
-             threads: int = 1, twins: Mapping[Config, Config] | None = None) -> Generator[dict[str, Any], None, None]:
+             threads: int = 1, twins: Mapping[Config, Sequence[Config]] | None = None) -> Generator[dict[str, Any], None, None]:
     """:func:`run_one` for each (configuration, seed), in ``jobs`` forked processes (:mod:`run_pool`), in task order.
 
     ``twins`` maps a configuration to the one whose result its training also gives (:func:`run_one`).
@@ -247,7 +247,7 @@ def run_many(dataset: Dataset, tasks: Sequence[tuple[Config, int]], cache: Path 
     """
     pairs = twins or {}
     with tempfile.TemporaryDirectory() as tmp:
-        yield from map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache, pairs.get(task[0])), tasks,
+        yield from map_runs(lambda task: run_one(dataset, task[0], task[1], Path(tmp), cache, pairs.get(task[0], ())), tasks,
                             jobs=jobs, threads=threads)
 
 
@@ -260,13 +260,13 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
     """
     by_config: dict[Config, dict[str, Any]] = {}
     tasks = [(cfg, seed) for cfg in grid for seed in seeds]
-    twins = finetune_twins(grid) if cache is not None else {}  # a twin's result goes through the cache
+    twins = deployment_twins(grid) if cache is not None else {}  # a twin's result goes through the cache
     held = {(c, s) for c, s in tasks if cache is not None and cache_file(cache, dataset, run_config(dataset, c, s)).is_file()}
-    made_from = {twin: base for base, twin in twins.items()}
+    made_from = {twin: base for base, group in twins.items() for twin in group}
     shared = [(c, s) for c, s in tasks if (c, s) not in held and c in made_from and (made_from[c], s) not in held]
     pace = Pace(len(tasks) - len(held) - len(shared))
     log(f"{len(tasks)} runs: {len(held)} in the run cache, {len(shared)} to come from another row's training "
-        f"(fedfew_ft from FedFew's), {pace.to_make} to make")
+        f"(fedfew_ft from FedFew's, FedAvg + FT from FedAvg's), {pace.to_make} to make")
     with closing(run_many(dataset, tasks, cache, jobs=jobs, threads=threads, twins=twins)) as results:
         for i, cfg in enumerate(grid):
             runs = []
@@ -299,7 +299,7 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
 
 def _base_seconds(by_config: Mapping[Config, dict[str, Any]], made_from: Mapping[Config, Config], cfg: Config,
                   result: dict[str, Any]) -> float:
-    """The training seconds inside ``result`` (a run of ``cfg``) that its FedFew twin's run already counts, else 0."""
+    """The training seconds inside ``result`` (a run of ``cfg``) that the run it was made from already counts, else 0."""
     base = by_config.get(made_from[cfg]) if "training_of" in result and cfg in made_from else None
     same_seed = [b["seconds"] for b in base["per_seed"] if b["seed"] == result["seed"]] if base else []
     return same_seed[0] if same_seed else 0.0

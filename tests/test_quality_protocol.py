@@ -200,30 +200,55 @@ def test_without_a_baseline_row_there_is_nothing_to_compare() -> None:
     assert quality_report.comparisons({"fedfew K=3": fedfew, "fedfew_ft K=3": fedfew}) == {}  # --methods fedfew fedfew_ft
 
 
-def test_a_fedfew_ft_twin_made_from_fedfew_s_training_equals_its_own_run(tmp_path: Path) -> None:
-    """One training for both rows: fedfew_ft's result, made from FedFew's final checkpoint, is the one its own run gives."""
+def test_deployment_twins_pair_each_fine_tuning_row_with_the_run_that_trains_as_it_does() -> None:
+    config = load_federation(ROOT / "site_configs" / "demo_federation.toml")
+    grid = quality_grid.method_grid(quality_data.Dataset("demo", config, [object()] * 6, "demo"), quick=False)  # type: ignore[list-item]
+    twins = quality_grid.deployment_twins(grid)
+    lr = config.training.lr
+    got = {(b.method, b.setting): sorted(t.setting for t in ts) for b, ts in twins.items()}
+    assert got == {
+        **{("fedfew K=3", f"mu={m}, lr={lr * s:g}"): [f"mu={m}, lr={lr * s:g}"] for m in (0.1, 0.3) for s in (1, 2)},
+        **{("fedavg", f"lr={lr * s:g}"): [f"finetune_epochs={e}, lr={lr * s:g}" for e in (1, 5)] for s in (1, 2)},
+    }
+    assert all(t.method == {"fedfew K=3": "fedfew_ft K=3", "fedavg": "fedavg_ft"}[b.method] for b, ts in twins.items() for t in ts)
+
+
+TWIN_CASES = {
+    "fedfew_ft from FedFew": ("fedfew K=3", "fedfew", {"k": 2, "mu": 0.1}, "fedfew_ft K=3", "fedfew_ft", [{"finetune_epochs": 1}]),
+    "FedAvg + FT from FedAvg": ("fedavg", "fedavg", {}, "fedavg_ft", "fedavg_ft", [{"finetune_epochs": 1}, {"finetune_epochs": 2}]),
+}
+
+
+@pytest.mark.parametrize("case", list(TWIN_CASES))
+def test_a_twin_made_from_another_row_s_training_equals_its_own_run(tmp_path: Path, case: str) -> None:
+    """One training for several rows: a twin's result, made from the base run's final checkpoint, is the one its own run gives."""
     from fedfew_med.config import federation_from_dict
     from fedfew_med.data import build_sites
 
     from .conftest import tiny_dict
 
+    base_row, base_name, params, twin_row, twin_name, extras = TWIN_CASES[case]
     config = federation_from_dict(tiny_dict(run={"rounds": 3}, data={"params": {"num_sites": 3, "image_size": 16, "train_min": 40,
                                                                                 "train_max": 48, "test_per_site": 12, "seed": 2}}))
     dataset = quality_data.Dataset("tiny", config, build_sites(config.data), "tiny")
-    fedfew = quality_grid.Config("fedfew K=3", "mu=0.1", quality_grid.algorithm_overrides("fedfew", k=2, mu=0.1))
-    ft = quality_grid.Config("fedfew_ft K=3", "mu=0.1", quality_grid.algorithm_overrides("fedfew_ft", k=2, mu=0.1, finetune_epochs=1))
-    twins = quality_grid.finetune_twins([fedfew, ft])
-    assert twins == {fedfew: ft}
-    rows = quality_runs.run_grid(dataset, [fedfew, ft], [0], lambda line: None, tmp_path / "shared")
-    (base,), (derived,) = rows["fedfew K=3"]["per_seed"], rows["fedfew_ft K=3"]["per_seed"]
-    own, = quality_runs.run_many(dataset, [(ft, 0)], tmp_path / "alone")
-    assert rows["fedfew_ft K=3"]["shared_training_runs"] == 1
-    assert rows["fedfew_ft K=3"]["run_seconds"] == pytest.approx(derived["seconds"] - base["seconds"])  # the training counted once
+    base_cfg = quality_grid.Config(base_row, "lr=0.05", (*quality_grid.algorithm_overrides(base_name, **params), "training.lr=0.05"))
+    twin_cfgs = [quality_grid.Config(twin_row, "lr=0.05" if twin_name == "fedfew_ft" else f"{extra}, lr=0.05",  # as the grids label them
+                                     (*quality_grid.algorithm_overrides(twin_name, **{**params, **extra}), "training.lr=0.05"))
+                 for extra in extras]
+    assert quality_grid.deployment_twins([base_cfg, *twin_cfgs]) == {base_cfg: twin_cfgs}
+    rows = quality_runs.run_grid(dataset, [base_cfg, *twin_cfgs], [0], lambda line: None, tmp_path / "shared")
+    (base,) = rows[base_row]["per_seed"]
+    assert rows[twin_row]["shared_training_runs"] == len(twin_cfgs)
+    own = list(quality_runs.run_many(dataset, [(c, 0) for c in twin_cfgs], tmp_path / "alone"))
+    derived = list(quality_runs.run_many(dataset, [(c, 0) for c in twin_cfgs], tmp_path / "shared"))  # from the cache
+    drop = ("seconds", "cached", "training_of")
+    key = quality_runs.cache_key(dataset, quality_runs.run_config(dataset, base_cfg, 0))
+    for d, o in zip(derived, own, strict=True):
+        assert d["cached"] and d["training_of"] == key and "training_of" not in o and not o.get("cached")
+        assert {k: v for k, v in d.items() if k not in drop} == {k: v for k, v in o.items() if k not in drop}
+        assert d["per_site"] != base["per_site"] or d["val_per_site"] != base["val_per_site"]  # fine-tuning did deploy
+    if len(twin_cfgs) == 1:  # one twin configuration: it is the row, whose run time counts the training once
+        assert rows[twin_row]["run_seconds"] == pytest.approx(rows[twin_row]["per_seed"][0]["seconds"] - base["seconds"])
     md = quality_report.to_markdown({"description": "d", "command": "c", "seeds": [0], "rounds": 3, "metric": "accuracy", "machine": "m",
                                      "wall_seconds": 1.0, "methods": rows})
-    assert "Trained once for two rows: fedfew_ft K=3 (1 run) from FedFew's runs" in md
-    assert derived["cached"] and derived["training_of"] == quality_runs.cache_key(dataset, quality_runs.run_config(dataset, fedfew, 0))
-    assert "training_of" not in own and not own.get("cached")
-    drop = ("seconds", "cached", "training_of")
-    assert {k: v for k, v in derived.items() if k not in drop} == {k: v for k, v in own.items() if k not in drop}
-    assert derived["per_site"] != base["per_site"] or derived["val_per_site"] != base["val_per_site"]  # fine-tuning did deploy
+    assert f"Made from another row's training: {twin_row} ({len(twin_cfgs)} run" in md

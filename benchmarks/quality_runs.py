@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -25,6 +26,8 @@ from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_met
 from fedfew_med.rundir import mean_alpha_max
 from fedfew_med.simulation import Federation, run, summarize_run
 from fedfew_med.training import SiteState
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 3  # 2: FedFew's defaults became preset "default"; 3: the key holds the resolved algorithm options
 ROUNDS_GAIN = 0.01  # rounds are enough when doubling them gains FedAvg less than this on the validation mean
@@ -148,9 +151,15 @@ def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | N
         for twin in twins:
             twin_config = run_config(dataset, twin, seed)
             twin_file = cache_file(cache, dataset, twin_config)
-            if not twin_file.is_file():
-                _keep(twin_file, {**_redeploy(dataset, twin_config, run_dir, result.records, out["seconds"]),
-                                  "training_of": cached.stem})
+            if twin_file.is_file():
+                continue
+            try:
+                made = _redeploy(dataset, twin_config, run_dir, result.records, out["seconds"])
+            except Exception as exc:  # the twin is then run on its own, as any run missing from the cache
+                log.warning("%s %s seed %d: not made from %s's training (%s: %s); it will run on its own",
+                            twin.method, twin.setting, seed, cfg.method, type(exc).__name__, exc)
+                continue
+            _keep(twin_file, {**made, "training_of": cached.stem})
     return out
 
 

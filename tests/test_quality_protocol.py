@@ -252,3 +252,26 @@ def test_a_twin_made_from_another_row_s_training_equals_its_own_run(tmp_path: Pa
     md = quality_report.to_markdown({"description": "d", "command": "c", "seeds": [0], "rounds": 3, "metric": "accuracy", "machine": "m",
                                      "wall_seconds": 1.0, "methods": rows})
     assert f"Made from another row's training: {twin_row} ({len(twin_cfgs)} run" in md
+
+
+def test_a_twin_that_cannot_be_made_from_the_training_runs_on_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A failed redeployment must not end an hours-long grid: it is logged and the twin trains itself."""
+    from fedfew_med.config import federation_from_dict
+    from fedfew_med.data import build_sites
+
+    from .conftest import tiny_dict
+
+    def broken(*args: object, **kwargs: object) -> dict:
+        raise RuntimeError("checkpoint unreadable")
+
+    monkeypatch.setattr(quality_runs, "_redeploy", broken)
+    config = federation_from_dict(tiny_dict(run={"rounds": 2}))
+    dataset = quality_data.Dataset("tiny", config, build_sites(config.data), "tiny")
+    base = quality_grid.Config("fedavg", "lr=0.05", (*quality_grid.algorithm_overrides("fedavg"), "training.lr=0.05"))
+    twin = quality_grid.Config("fedavg_ft", "finetune_epochs=1, lr=0.05",
+                               (*quality_grid.algorithm_overrides("fedavg_ft", finetune_epochs=1), "training.lr=0.05"))
+    rows = quality_runs.run_grid(dataset, [base, twin], [0], lambda line: None, tmp_path / "c")
+    (made,) = rows["fedavg_ft"]["per_seed"]
+    assert "training_of" not in made and not made.get("cached") and rows["fedavg_ft"]["shared_training_runs"] == 0
+    assert "fedavg_ft finetune_epochs=1, lr=0.05 seed 0: not made from fedavg's training (RuntimeError: checkpoint unreadable)" in caplog.text

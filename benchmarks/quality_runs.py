@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -23,11 +24,12 @@ from fedfew_med import checkpoint
 from fedfew_med.config import MAX_ROUNDS, FederationConfig
 from fedfew_med.data import SiteData
 from fedfew_med.metrics import PRIMARY, classification_metrics, segmentation_metrics
-from fedfew_med.rundir import mean_alpha_max
+from fedfew_med.rundir import RunDirError, mean_alpha_max
 from fedfew_med.simulation import Federation, run, summarize_run
 from fedfew_med.training import SiteState
 
 log = logging.getLogger(__name__)
+IN_PROGRESS = "in-progress"  # <cache>/in-progress/<key>/: the folder of a run not yet finished (resumed by the next grid)
 
 CACHE_VERSION = 3  # 2: FedFew's defaults became preset "default"; 3: the key holds the resolved algorithm options
 ROUNDS_GAIN = 0.01  # rounds are enough when doubling them gains FedAvg less than this on the validation mean
@@ -131,7 +133,11 @@ def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | N
 
     With ``cache``, a finished run's result is kept as ``<cache>/<key>.json`` (key: :func:`cache_key`)
     and reused, so a benchmark stopped after some configurations continues where it stopped, and
-    several invocations with disjoint ``--methods`` can share the work.
+    several invocations with disjoint ``--methods`` can share the work. A run in progress lives in
+    ``<cache>/in-progress/<key>/`` (checkpointed every round, removed once its result is cached), so a
+    benchmark stopped mid-run resumes that run at its last completed round, with the same result as an
+    uninterrupted run (``seconds`` then adds the recorded times of the rounds run before the stop, and
+    ``resumed_after_round`` says where it went on). Without a cache the run's folder is in ``tmp``.
 
     ``twins``: configurations that train exactly as ``cfg`` and only deploy otherwise (``fedfew_ft`` at
     FedFew's μ and lr, FedAvg + FT at FedAvg's lr: :func:`quality_grid.deployment_twins`). When ``cfg`` is
@@ -142,10 +148,22 @@ def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | N
     cached = cache_file(cache, dataset, config) if cache is not None else None
     if cached is not None and cached.is_file():
         return {**json.loads(cached.read_text()), "cached": True}
-    run_dir = tmp / f"{cfg.method}-{cfg.setting}-{seed}".replace(" ", "_").replace("=", "")
+    # with a cache, the run's folder outlives the process: a grid stopped mid-run resumes the run at its last round
+    run_dir = (cache / IN_PROGRESS if cache is not None else tmp) / cache_key(dataset, config)
     t = time.perf_counter()
-    result = run(config, run_dir=run_dir, sites=dataset.sites, overwrite=True)
-    out = _result(dataset, config, run_dir, result.summary, result.records, time.perf_counter() - t)
+    resumed = checkpoint.latest_round(run_dir) if run_dir.is_dir() else None
+    try:
+        result = run(config, run_dir=run_dir, sites=dataset.sites, resume=resumed is not None, overwrite=True)
+    except RunDirError as exc:  # a checkpoint it cannot continue (damaged, say): start the run again
+        log.warning("%s %s seed %d: %s; running it from round 0", cfg.method, cfg.setting, seed, exc)
+        resumed = None
+        result = run(config, run_dir=run_dir, sites=dataset.sites, overwrite=True)
+    records = _records(run_dir)  # every round's record, those before a resume too
+    new = {r["round"] for r in result.records}
+    earlier = sum(r["seconds"] for r in records if r["round"] not in new)  # the rounds a stopped process ran
+    out = _result(dataset, config, run_dir, result.summary, records, time.perf_counter() - t + earlier)
+    if resumed is not None:
+        out["resumed_after_round"] = resumed
     if cache is not None and cached is not None:
         _keep(cached, out)
         for twin in twins:
@@ -154,13 +172,20 @@ def run_one(dataset: Dataset, cfg: Config, seed: int, tmp: Path, cache: Path | N
             if twin_file.is_file():
                 continue
             try:
-                made = _redeploy(dataset, twin_config, run_dir, result.records, out["seconds"])
+                made = _redeploy(dataset, twin_config, run_dir, records, out["seconds"])
             except Exception as exc:  # the twin is then run on its own, as any run missing from the cache
                 log.warning("%s %s seed %d: not made from %s's training (%s: %s); it will run on its own",
                             twin.method, twin.setting, seed, cfg.method, type(exc).__name__, exc)
                 continue
             _keep(twin_file, {**made, "training_of": cached.stem})
+        shutil.rmtree(run_dir)  # its result and its twins' are cached: the folder has served
+        (run_dir.parent / f".{run_dir.name}.lock").unlink(missing_ok=True)  # the simulator's lock file
     return out
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    """The round records of ``run_dir`` (``metrics.jsonl``), in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
 
 
 def _keep(path: Path, result: dict[str, Any]) -> None:
@@ -301,7 +326,7 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
         # a twin's seconds include the training its FedFew run already counts: the row's machine time leaves it out
         row["run_seconds"] = sum(x["seconds"] for x in runs) - sum(
             _base_seconds(by_config, made_from, c, x) for c, r in by_config.items() if c.method == name for x in r["per_seed"])
-        row["cached_runs"] = sum(bool(x.get("cached")) for x in runs)
+        row["cached_runs"] = sum((c, x["seed"]) in held for c, r in by_config.items() if c.method == name for x in r["per_seed"])
         row["shared_training_runs"] = sum("training_of" in x for x in runs)
     return methods
 

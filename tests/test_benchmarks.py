@@ -31,7 +31,8 @@ def test_quality_quick_on_demo(tmp_path: Path) -> None:
     args = ("--dataset", "demo", "--quick", "--ks", "3", "--rounds", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"))
     run_script("quality.py", *args)
     res = json.loads((tmp_path / "quality_demo_quick.json").read_text())
-    assert res["cached_runs"] == 0  # a fresh cache: every run was made
+    assert res["cached_runs"] == 0  # a fresh cache: every run was made (fedfew_ft's from FedFew's training)
+    assert res["methods"]["fedfew_ft K=3"]["shared_training_runs"] == 1
     run_script("quality.py", *args)  # again: every run comes from the cache, with the same figures
     again = json.loads((tmp_path / "quality_demo_quick.json").read_text())
     assert again["cached_runs"] == sum(len(row["per_seed"]) * len(row["grid"]) for row in res["methods"].values())

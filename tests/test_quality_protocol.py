@@ -275,3 +275,26 @@ def test_a_twin_that_cannot_be_made_from_the_training_runs_on_its_own(tmp_path: 
     (made,) = rows["fedavg_ft"]["per_seed"]
     assert "training_of" not in made and not made.get("cached") and rows["fedavg_ft"]["shared_training_runs"] == 0
     assert "fedavg_ft finetune_epochs=1, lr=0.05 seed 0: not made from fedavg's training (RuntimeError: checkpoint unreadable)" in caplog.text
+
+
+def test_a_run_stopped_mid_way_resumes_at_its_last_round_with_the_uninterrupted_result(tmp_path: Path) -> None:
+    from fedfew_med.config import federation_from_dict
+    from fedfew_med.data import build_sites
+    from fedfew_med.simulation import run
+
+    from .conftest import tiny_dict
+
+    config = federation_from_dict(tiny_dict(run={"rounds": 4}))
+    dataset = quality_data.Dataset("tiny", config, build_sites(config.data), "tiny")
+    cfg = quality_grid.Config("fedfew K=3", "mu=0.1", quality_grid.algorithm_overrides("fedfew", k=2, mu=0.1))
+    whole, = quality_runs.run_many(dataset, [(cfg, 0)], tmp_path / "whole")
+    cache = tmp_path / "stopped"
+    key = quality_runs.cache_key(dataset, quality_runs.run_config(dataset, cfg, 0))
+    run(quality_runs.run_config(dataset, cfg, 0), run_dir=cache / quality_runs.IN_PROGRESS / key, sites=dataset.sites,
+        stop_after=2)  # what a grid killed after round 1 leaves
+    resumed, = quality_runs.run_many(dataset, [(cfg, 0)], cache)
+    assert resumed["resumed_after_round"] == 1 and "resumed_after_round" not in whole
+    drop = ("seconds", "resumed_after_round")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert not (cache / quality_runs.IN_PROGRESS / key).exists() and (cache / f"{key}.json").is_file()  # folder gone, result kept
+    assert not list((cache / quality_runs.IN_PROGRESS).glob(".*.lock"))

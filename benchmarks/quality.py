@@ -88,8 +88,10 @@ a grid's 108 trainings (on Br35H 10 sites at 320 rounds about 4 h of run time, 2
 This script is the command line; the protocol lives beside it, one part per module, shared with
 ``ablation.py``, ``sparse.py``, ``choose_loso.py``, ``finetune_effect.py``, ``headline.py`` and ``per_site.py``:
 :mod:`quality_data` (the data sets and the rounds each runs at), :mod:`quality_grid` (every method's
-configurations), :mod:`quality_runs` (one run, the run cache, selection on validation, the rounds rule) and
-:mod:`quality_report` (the best baseline, the paired bootstrap, the Markdown and plot, merging rerun rows).
+configurations), :mod:`quality_runs` (one run, the run cache, selection on validation, the rounds rule),
+:mod:`quality_scores` (a finished run's validation scores, result and diagnostics; a twin made from its
+training) and :mod:`quality_report` (the best baseline, the paired bootstrap, the Markdown and plot,
+merging rerun rows).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import quality_data  # noqa: E402
 import quality_grid  # noqa: E402
 import quality_report  # noqa: E402
 import quality_runs  # noqa: E402
+import quality_scores  # noqa: E402
 
 from fedfew_med.config import load_federation  # noqa: E402
 
@@ -163,10 +164,10 @@ def test_merging_rows_of_other_rounds_or_seeds_is_refused(rounds: int, seeds: li
 def test_skipped_site_replies_are_counted_from_the_rounds_failures_and_shown() -> None:
     records = [{"round": 0, "failures": {}}, {"round": 1, "failures": {"a": "ValueError: update norm", "b": "x"}},
                {"round": 2}, {"round": 3, "failures": {"a": "ValueError"}}]
-    assert quality_runs.diagnostics(records, {})["skipped"] == 3
+    assert quality_scores.diagnostics(records, {})["skipped"] == 3
     runs = [{"diagnostics": {"skipped": 3}}, {"diagnostics": {"skipped": 0}}]
-    assert quality_runs.skipped_replies(runs) == 3
-    assert quality_runs.skipped_replies([*runs, {"diagnostics": {"in_use": 3}}]) is None  # a run cached before the count
+    assert quality_scores.skipped_replies(runs) == 3
+    assert quality_scores.skipped_replies([*runs, {"diagnostics": {"in_use": 3}}]) is None  # a run cached before the count
     row = {"selected": "s", "mean": 0.8, "mean_std_over_seeds": 0.0, "worst": 0.7, "jain": 1.0, "bytes_per_round": 0,
            "seconds_per_run": 1.0, "grid": {"lr=0.1": {"test_mean": 0.8, "val_mean": 0.8, "worst": 0.7, "skipped": 4},
                                            "lr=0.05": {"test_mean": 0.8, "val_mean": 0.7, "worst": 0.7, "skipped": 0},
@@ -265,7 +266,7 @@ def test_a_twin_that_cannot_be_made_from_the_training_runs_on_its_own(tmp_path: 
     def broken(*args: object, **kwargs: object) -> dict:
         raise RuntimeError("checkpoint unreadable")
 
-    monkeypatch.setattr(quality_runs, "_redeploy", broken)
+    monkeypatch.setattr(quality_runs, "redeploy", broken)
     config = federation_from_dict(tiny_dict(run={"rounds": 2}))
     dataset = quality_data.Dataset("tiny", config, build_sites(config.data), "tiny")
     base = quality_grid.Config("fedavg", "lr=0.05", (*quality_grid.algorithm_overrides("fedavg"), "training.lr=0.05"))

@@ -74,8 +74,8 @@ shared, heavily loaded CPU cores with ``--threads 1``: ``heart`` full (35 config
 27 min; the Fashion-MNIST grids need days on 2 cores and have not been run in full. ``--jobs 2`` runs
 two runs side by side (forked processes of ``--threads`` each, :mod:`run_pool`) with the same figures,
 so a one-thread grid does not leave the second core idle. While a grid runs it says how many of its runs
-the run cache holds, then after each run it makes that run's seconds and, at the pace so far, about how long
-the rest will take (``quality_runs.Pace``). A run that trains exactly as another
+the run cache holds, then after each run it makes that run's seconds and about how long the rest will take
+(the mean time of the runs made × the runs left ÷ the lanes: ``quality_runs.Pace``). A run that trains exactly as another
 and differs only at deployment is not trained again (``quality_grid.deployment_twins``): each FedFew run's
 final checkpoint also gives the result of its ``fedfew_ft`` twin (same μ, lr and seed; one fine-tune
 epoch at deployment), and each FedAvg run at lr × 1 or × 2 those of FedAvg + FT at that lr (1 and 5

@@ -74,21 +74,23 @@ def cache_file(cache: Path, dataset: Dataset, config: FederationConfig) -> Path:
 class Pace:
     """A grid's progress: runs made of those the cache did not hold, and the time the rest take at the pace so far.
 
-    Runs side by side (``--jobs``) are counted by wall time since the grid started, so the estimate
-    holds for any number of lanes; it assumes the runs left cost what the runs made did on average
-    (FedFew's K local trainings make its runs about K times a FedAvg run: an estimate, not a promise).
+    The estimate is the mean ``seconds`` of the runs made so far × the runs left ÷ the ``lanes`` that run
+    side by side (``--jobs``): each run's own time, so the first runs of two lanes are not charged the time
+    the other lane was busy. It assumes the runs left cost what the runs made did on average (FedFew's K
+    local trainings make its runs about K times a FedAvg run): an estimate, not a promise.
     """
 
-    def __init__(self, to_make: int, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.to_make, self.made, self.clock, self.start = to_make, 0, clock, clock()
+    def __init__(self, to_make: int, lanes: int = 1) -> None:
+        self.to_make, self.lanes, self.made, self.seconds = to_make, max(lanes, 1), 0, 0.0
 
     def step(self, result: dict[str, Any]) -> str | None:
         """Count ``result``; the progress line to log after a run that was made (None for a cached one)."""
         if result.get("cached"):
             return None
         self.made += 1
+        self.seconds += float(result["seconds"])
         left = max(self.to_make - self.made, 0)
-        eta = (self.clock() - self.start) / self.made * left
+        eta = self.seconds / self.made * left / self.lanes
         return f"{self.made}/{self.to_make} runs made" + (f", about {duration(eta)} left at this pace" if left else "")
 
 
@@ -208,7 +210,7 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
     held = {(c, s) for c, s in tasks if cache is not None and cache_file(cache, dataset, run_config(dataset, c, s)).is_file()}
     made_from = {twin: base for base, group in twins.items() for twin in group}
     shared = [(c, s) for c, s in tasks if (c, s) not in held and c in made_from and (made_from[c], s) not in held]
-    pace = Pace(len(tasks) - len(held) - len(shared))
+    pace = Pace(len(tasks) - len(held) - len(shared), lanes=jobs)
     log(f"{len(tasks)} runs: {len(held)} in the run cache, {len(shared)} to come from another row's training "
         f"(fedfew_ft from FedFew's, FedAvg + FT from FedAvg's), {pace.to_make} to make")
     with closing(run_many(dataset, tasks, cache, jobs=jobs, threads=threads, twins=twins)) as results:

@@ -177,17 +177,13 @@ def test_skipped_site_replies_are_counted_from_the_rounds_failures_and_shown() -
     assert "lr=0.1 0.800 / 0.800 / 0.700 (4 site replies skipped); lr=0.05 0.800 / 0.700 / 0.700; lr=0.2 0.800" in md
 
 
-def test_a_grid_s_pace_counts_made_runs_only_and_estimates_the_rest_from_wall_time() -> None:
-    now = [1000.0]
-    pace = quality_runs.Pace(4, clock=lambda: now[0])
+def test_a_grid_s_pace_counts_made_runs_only_and_estimates_the_rest_from_their_mean_time() -> None:
+    pace = quality_runs.Pace(4, lanes=2)
     assert pace.step({"cached": True, "seconds": 50.0}) is None  # a cached run is neither counted nor timed
-    now[0] += 600.0
-    assert pace.step({"seconds": 1100.0}) == "1/4 runs made, about 30 min left at this pace"  # 600 s a run (two lanes), 3 left
-    now[0] += 600.0
-    assert pace.step({"seconds": 1100.0}) == "2/4 runs made, about 20 min left at this pace"
-    now[0] += 10_000.0
-    assert pace.step({}) == "3/4 runs made, about 1 h 02 min left at this pace"  # 11 200 s / 3 runs × 1 left
-    assert pace.step({}) == "4/4 runs made"
+    assert pace.step({"seconds": 1200.0}) == "1/4 runs made, about 30 min left at this pace"  # 1200 s × 3 left ÷ 2 lanes
+    assert pace.step({"seconds": 1200.0}) == "2/4 runs made, about 20 min left at this pace"
+    assert pace.step({"seconds": 7800.0}) == "3/4 runs made, about 28 min left at this pace"  # mean 3400 s × 1 ÷ 2 = 1700 s
+    assert pace.step({"seconds": 1.0}) == "4/4 runs made"
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0 s"), (59.4, "59 s"), (60, "1 min"), (3569, "59 min"), (3600, "1 h 00 min"),

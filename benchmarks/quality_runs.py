@@ -234,12 +234,11 @@ def run_grid(dataset: Dataset, grid: Sequence[Config], seeds: Sequence[int], log
         row["grid"] = {c.setting: {"test_mean": r["mean"], "val_mean": r["val_mean"], "worst": r["worst"],
                                    "skipped": skipped_replies(r["per_seed"])}
                        for c, r in by_config.items() if c.method == name}
-        runs = [x for c, r in by_config.items() if c.method == name for x in r["per_seed"]]
-        # a twin's seconds include the training its FedFew run already counts: the row's machine time leaves it out
-        row["run_seconds"] = sum(x["seconds"] for x in runs) - sum(
-            _base_seconds(by_config, made_from, c, x) for c, r in by_config.items() if c.method == name for x in r["per_seed"])
-        row["cached_runs"] = sum((c, x["seed"]) in held for c, r in by_config.items() if c.method == name for x in r["per_seed"])
-        row["shared_training_runs"] = sum("training_of" in x for x in runs)
+        mine = [(c, x) for c, r in by_config.items() if c.method == name for x in r["per_seed"]]
+        # a twin's seconds include the training the run it was made from already counts: counted once here
+        row["run_seconds"] = sum(x["seconds"] - _base_seconds(by_config, made_from, c, x) for c, x in mine)
+        row["cached_runs"] = sum((c, x["seed"]) in held for c, x in mine)
+        row["shared_training_runs"] = sum("training_of" in x for _, x in mine)
     return methods
 
 
